@@ -1,0 +1,277 @@
+"""Typed pretraining configuration: dataclasses, TOML loading, dotted command-line overrides, validation.
+
+Recipe settings (model, data, train) decide the result; implementation settings (system) decide only
+speed and memory, so a run may resume with different ones (another micro-batch, more GPUs).
+Defaults are the reference recipe: RoBERTa-medium, 30k steps of 8,192 × 512 tokens, peak LR 1e-3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlm.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SIZES = ("tiny", "mini", "small", "medium", "base", "large")
+FAMILIES = ("roberta", "bert")
+
+
+@dataclass
+class ModelConfig:
+    family: str = "roberta"
+    """Model family: roberta (byte-level BPE, <s> … </s>) or bert (WordPiece, [CLS] … [SEP])."""
+    size: str = "medium"
+    """Preset: tiny L2/H128, mini L4/H256, small L4/H512, medium L8/H512, base L12/H768, large L24/H1024."""
+    dropout: float = 0.1
+    """Dropout on hidden states and attention probabilities."""
+    max_positions: int = 512
+    """Position embeddings: the longest sequence the model can ever take (data.seq_len may be shorter)."""
+    init_from: str = ""
+    """Start from these weights (an HF checkpoint directory), e.g. a 512-token phase after a 128-token phase."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise UserError(f"model.family: unknown family {self.family!r} (choose {', '.join(FAMILIES)})")
+        if self.size not in SIZES:
+            raise UserError(f"model.size: unknown size {self.size!r} (choose {', '.join(SIZES)})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data"
+    """Folder written by `mlm prepare` (manifest.json + token shards)."""
+    tokenizer: str = ""
+    """Tokenizer directory or hub name; empty = the copy `mlm prepare` saved in data_dir/tokenizer."""
+    seq_len: int = 512
+    """Tokens per training sequence, special tokens included."""
+    mask_rate: float = 0.15
+    """Fraction of non-special tokens the model must predict."""
+    per_token_masking: bool = False
+    """Bernoulli(mask_rate) per token instead of a fixed count per sequence."""
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 8:
+            raise UserError(f"data.seq_len must be at least 8, got {self.seq_len}")
+        if not 0.0 < self.mask_rate < 1.0:
+            raise UserError(f"data.mask_rate must be in (0, 1), got {self.mask_rate}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30_000
+    """Optimizer steps."""
+    global_batch: int = 8192
+    """Sequences per optimizer step, over all ranks and accumulation steps."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    warmup_steps: int = 1800
+    """Linear warm-up from 0 to lr; then linear decay to 0 at `steps`."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    seed: int = 0
+    """Seeds initialisation, data order and masking."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise UserError(f"train.warmup_steps must be in [0, train.steps], got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
+            raise UserError("train.weight_decay and train.grad_clip must be >= 0, train.eps > 0")
+
+
+@dataclass
+class SystemConfig:
+    micro_batch: int = 32
+    """Sequences per forward pass on one device; accumulation makes up the rest of the global batch."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, or cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
+    compile: str = "auto"
+    """torch.compile the model: auto (on GPU only), on, off."""
+    threads: int = 0
+    """CPU threads for PyTorch; 0 keeps its default."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1:
+            raise UserError(f"system.micro_batch must be positive, got {self.micro_batch}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError(f"system.precision: unknown value {self.precision!r} (choose auto, bf16, fp32)")
+        if self.compile not in ("auto", "on", "off"):
+            raise UserError(f"system.compile: unknown value {self.compile!r} (choose auto, on, off)")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"system.device: unknown device {self.device!r}")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/mlm"
+    """Run directory: checkpoints, metrics.jsonl, TensorBoard events, config.json."""
+    log_every: int = 10
+    """Steps between logged training metrics."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (the last step is always saved)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest N checkpoints; 0 keeps all."""
+    progress: bool = True
+    """Show a progress bar."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package)."""
+    wandb_project: str = "mlm"
+    """Weights & Biases project name."""
+
+    def __post_init__(self) -> None:
+        for name in ("log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"run.{name} must be positive, got {getattr(self, name)}")
+        if self.keep_checkpoints < 0:
+            raise UserError(f"run.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500
+    """Steps between validation MLM losses; 0 disables."""
+    sequences: int = 512
+    """Validation sequences per evaluation (fewer if the split is smaller)."""
+    glue_every: int = 0
+    """Run `mlm glue` on every N-th checkpoint, in a separate process; 0 disables."""
+    glue_tasks: str = "all"
+    """GLUE tasks for glue_every (comma-separated names or all)."""
+    glue_dir: str = ""
+    """Local GLUE directory for glue_every; empty = download through `datasets`."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.sequences < 1 or self.glue_every < 0:
+            raise UserError("eval.every and eval.glue_every must be >= 0, eval.sequences positive")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_positions:
+            raise UserError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_positions={self.model.max_positions}"
+            )
+
+    def recipe(self) -> dict:
+        """The settings that decide the result; a resumed run must match these exactly."""
+        d = dataclasses.asdict(self)
+        return {k: d[k] for k in ("model", "data", "train")}
+
+
+def _coerce(value, hint, key: str):
+    """Check (and where lossless, convert) a value read from TOML or the command line to the field's type."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, list):
+            return [_coerce(v, item, key) for v in value]
+    type_name = getattr(hint, "__name__", str(hint))
+    raise UserError(f"{key}: expected {type_name}, got {value!r}")
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"unknown config key {dotted!r}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise UserError(f"{dotted} must be a section, got {value!r}")
+            kwargs[key] = _build(hint, value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """`--train.lr=5e-4` → (["train", "lr"], 0.0005). The value is read as TOML, else taken as a string."""
+    body = text[2:] if text.startswith("--") else text
+    key, sep, raw = body.partition("=")
+    if not sep or not key:
+        raise UserError(f"bad override {text!r}: use --section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """Defaults, then the TOML file's values, then the overrides; unknown keys and bad values fail by name."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"bad override {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return _build(PretrainConfig, values, "")
+
+
+def config_from_dict(values: dict) -> PretrainConfig:
+    return _build(PretrainConfig, values, "")
+
+
+def save_config(cfg: PretrainConfig, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    tmp.replace(path)

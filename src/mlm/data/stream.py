@@ -1,0 +1,126 @@
+"""Read prepared token streams and cut them into training sequences.
+
+A split's stream of N tokens is cut into W = N // C windows of C = seq_len - 2 tokens (the remainder is
+dropped); each window is wrapped with the family's special tokens (`<s> … </s>` or `[CLS] … [SEP]`).
+The sampler orders windows by a seeded pseudo-random permutation per epoch that it computes index by
+index (a Feistel network), so the batch of any step is found in O(1) time and memory: resuming needs
+only the step number, and the global batch is the same whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mlm.data.prepare import read_manifest
+from mlm.errors import UserError
+
+
+class TokenStream:
+    """One split's token stream, memory-mapped across its shard files."""
+
+    def __init__(self, data_dir: str | Path, split: str, manifest: dict | None = None):
+        manifest = manifest or read_manifest(data_dir)
+        info = manifest["splits"][split]
+        dtype = np.dtype(manifest["dtype"])
+        self.shards = [
+            np.memmap(Path(data_dir) / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
+            for s in info["shards"]
+            if s["tokens"] > 0
+        ]
+        # starts[i] = offset of shard i in the stream; starts[-1] = total length.
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream, across shard boundaries."""
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"read [{start}, {start + length}) outside stream of {len(self)} tokens")
+        pieces = []
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            offset = start - int(self.starts[shard])
+            take = min(length, len(self.shards[shard]) - offset)
+            pieces.append(self.shards[shard][offset : offset + take])
+            start, length, shard = start + take, length - take, shard + 1
+        return np.concatenate(pieces) if len(pieces) > 1 else np.asarray(pieces[0])
+
+
+class Windows:
+    """Fixed-length sequences cut from a token stream and wrapped with special tokens."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, cls_id: int, sep_id: int):
+        if seq_len < 3:
+            raise UserError(f"seq_len must be at least 3, got {seq_len}")
+        self.stream, self.seq_len, self.cls_id, self.sep_id = stream, seq_len, cls_id, sep_id
+        self.content_len = seq_len - 2
+        self.count = len(stream) // self.content_len
+
+    def batch(self, window_ids: np.ndarray) -> np.ndarray:
+        """(B,) window ids → (B, seq_len) int64 token ids."""
+        out = np.empty((len(window_ids), self.seq_len), dtype=np.int64)
+        out[:, 0] = self.cls_id
+        out[:, -1] = self.sep_id
+        for row, w in enumerate(window_ids):
+            out[row, 1:-1] = self.stream.read(int(w) * self.content_len, self.content_len)
+        return out
+
+
+def _mix(x: np.ndarray, key: int) -> np.ndarray:
+    """A cheap 64-bit hash (splitmix64 finaliser) used as the Feistel round function."""
+    with np.errstate(over="ignore"):
+        x = (x ^ np.uint64(key)) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(31))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(29))
+
+
+def permute(indices: np.ndarray, n: int, seed: int, rounds: int = 4) -> np.ndarray:
+    """A seeded bijection of [0, n), applied elementwise: `permute(arange(n))` is a permutation of arange(n).
+
+    Balanced Feistel network on the smallest even number of bits covering n; values that land outside
+    [0, n) are encrypted again (cycle walking), which keeps the map a bijection on [0, n).
+    """
+    half_bits = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half_bits) - 1)
+    keys = [int(k) for k in np.random.default_rng(seed).integers(0, 2**63, size=rounds)]
+
+    def encrypt(x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(half_bits), x & mask
+        for key in keys:
+            left, right = right, left ^ (_mix(right, key) & mask)
+        return (left << np.uint64(half_bits)) | right
+
+    x = np.asarray(indices, dtype=np.uint64)
+    out = encrypt(x)
+    outside = out >= np.uint64(n)
+    while outside.any():
+        out[outside] = encrypt(out[outside])
+        outside = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+class Sampler:
+    """Which windows form the global batch of each step: seeded, shuffled per epoch, resumable in O(1)."""
+
+    def __init__(self, num_windows: int, global_batch: int, seed: int):
+        if num_windows < 1:
+            raise UserError("the training data holds no full sequence")
+        self.num_windows, self.global_batch, self.seed = num_windows, global_batch, seed
+
+    def global_batch_ids(self, step: int) -> np.ndarray:
+        """Window ids of the global batch of `step` (0-based); epochs follow each other seamlessly."""
+        positions = np.arange(step * self.global_batch, (step + 1) * self.global_batch, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.num_windows)
+        out = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = permute(offsets[sel], self.num_windows, seed=self.seed * 1_000_003 + int(epoch))
+        return out
+
+    def rank_batch_ids(self, step: int, rank: int, world_size: int) -> np.ndarray:
+        """Rank `rank`'s share of the global batch of `step`: its contiguous slice, in order."""
+        per_rank = self.global_batch // world_size
+        return self.global_batch_ids(step)[rank * per_rank : (rank + 1) * per_rank]

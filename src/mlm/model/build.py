@@ -1,0 +1,99 @@
+"""Model presets and construction.
+
+The model is Hugging Face's own BertForMaskedLM / RobertaForMaskedLM, so a checkpoint is a plain HF
+checkpoint with no adapter. Training calls it through `MaskedLMLoss`, a different forward that runs the
+prediction head only on the masked positions (about 15% of the tokens), which saves most of the head's
+compute and memory at 30k+ vocabularies. The model knows nothing of distribution; engines wrap it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlm.errors import UserError
+
+# name: (layers, hidden). FFN is 4H and heads H/64 (at least 2), as Google's BERT miniatures.
+PRESETS: dict[str, tuple[int, int]] = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
+
+
+def hf_config(family: str, size: str, tokenizer, max_positions: int = 512, dropout: float = 0.1):
+    """The transformers config of a preset, with the tokenizer's vocabulary and special ids."""
+    from transformers import BertConfig, RobertaConfig
+
+    if size not in PRESETS:
+        raise UserError(f"unknown model size {size!r} (choose {', '.join(PRESETS)})")
+    layers, hidden = PRESETS[size]
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(2, hidden // 64),
+        intermediate_size=4 * hidden,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if family == "roberta":
+        # RoBERTa numbers positions from padding_idx + 1, so it needs 2 more position embeddings.
+        return RobertaConfig(
+            **common,
+            max_position_embeddings=max_positions + 2,
+            type_vocab_size=1,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            layer_norm_eps=1e-5,
+        )
+    if family == "bert":
+        return BertConfig(**common, max_position_embeddings=max_positions, type_vocab_size=2)
+    raise UserError(f"unknown model family {family!r} (choose roberta, bert)")
+
+
+def build_model(config, seed: int) -> nn.Module:
+    """A freshly initialised HF masked-LM model; the same seed gives the same weights."""
+    from transformers import AutoModelForMaskedLM
+
+    torch.manual_seed(seed)
+    return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+
+
+def load_model(path: str | Path) -> nn.Module:
+    from transformers import AutoModelForMaskedLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    return AutoModelForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class MaskedLMLoss(nn.Module):
+    """Training forward of an HF masked LM: encoder on all tokens, head on the masked positions only."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+        self.encoder = hf_model.base_model  # BertModel / RobertaModel (no pooler)
+        # BertForMaskedLM calls its head `cls`, RobertaForMaskedLM `lm_head`; both map (…, H) → (…, V).
+        self.head = hf_model.cls if hasattr(hf_model, "cls") else hf_model.lm_head
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T), positions (B, K), labels (B, K) → mean cross-entropy over labelled positions."""
+        # Sequences are full windows, never padded, so no attention mask is needed (and SDPA takes its fast path).
+        hidden = self.encoder(input_ids=input_ids).last_hidden_state  # (B, T, H)
+        index = positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))  # (B, K, H)
+        picked = hidden.gather(1, index)  # (B, K, H)
+        logits = self.head(picked)  # (B, K, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

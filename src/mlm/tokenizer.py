@@ -1,0 +1,151 @@
+"""Train, load and fingerprint tokenizers.
+
+RoBERTa family: byte-level BPE with `<s> <pad> </s> <unk> <mask>` (ids 0..4, as in roberta-base).
+BERT family: uncased WordPiece with `[PAD] [UNK] [CLS] [SEP] [MASK]`.
+Both are saved as Hugging Face tokenizer directories that `AutoTokenizer.from_pretrained(dir)` loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from mlm.errors import UserError
+
+FAMILIES = ("roberta", "bert")
+
+ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise UserError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
+
+
+def _roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
+    from transformers import RobertaTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # `<mask>` swallows the space before it, so "the <mask> sat" masks the word " cat" as roberta-base does.
+    specials = ROBERTA_SPECIALS[:-1] + [AddedToken("<mask>", lstrip=True, special=True)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return RobertaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
+
+
+def _bert_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=BERT_SPECIALS, show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    # tokenizer_object, not vocab_file: with transformers 5 a vocab_file alone gives a 5-token vocabulary.
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        do_lower_case=True,
+    )
+
+
+def train_tokenizer(
+    texts: Iterable[str], family: str, vocab_size: int, out_dir: str | Path, min_frequency: int = 2
+):
+    """Train a tokenizer of the family's kind on `texts` and save it to `out_dir` (atomically)."""
+    check_family(family)
+    if vocab_size < 300:
+        raise UserError(f"vocab_size={vocab_size} is too small: use at least 300 (byte-level BPE alone needs 256)")
+    if vocab_size > 2**32 - 1:
+        raise UserError(f"vocab_size={vocab_size} is too large")
+    build = _roberta_tokenizer if family == "roberta" else _bert_tokenizer
+    tokenizer = build(texts, vocab_size, min_frequency)
+    if len(tokenizer) <= len(ROBERTA_SPECIALS):
+        raise UserError("the corpus is empty: the tokenizer learned no tokens")
+    save_tokenizer(tokenizer, out_dir)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
+    """Save to a temporary sibling directory, then rename, so a crash never leaves half a tokenizer."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(name_or_dir: str | Path):
+    """Load a tokenizer from a local directory or a Hugging Face hub name (`roberta-base`, `bert-base-uncased`)."""
+    from transformers import AutoTokenizer
+
+    name = str(name_or_dir)
+    if not name:
+        raise UserError("no tokenizer given")
+    looks_local = os.path.sep in name or name.startswith(".") or Path(name).exists()
+    if looks_local and not Path(name).is_dir():
+        raise UserError(f"tokenizer directory {name} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load tokenizer {name!r}: {first_line}") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"tokenizer {name!r} has no fast (Rust) implementation, which data preparation needs")
+    if tokenizer.mask_token_id is None or tokenizer.sep_token_id is None or tokenizer.cls_token_id is None:
+        raise UserError(f"tokenizer {name!r} lacks a mask, separator or classification token: not an MLM tokenizer")
+    return tokenizer
+
+
+def tokenizer_family(tokenizer) -> str:
+    """Which family's special-token layout the tokenizer uses."""
+    return "roberta" if tokenizer.cls_token == "<s>" else "bert"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of everything that decides token ids: vocabulary, added tokens, and the special-token map."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "specials": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "lower": bool(getattr(tokenizer, "do_lower_case", False)),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

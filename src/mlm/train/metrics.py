@@ -1,0 +1,44 @@
+"""Where training metrics go: metrics.jsonl always, TensorBoard always, Weights & Biases on request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlm.errors import UserError
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard / W&B."""
+
+    def __init__(self, run_dir: Path, use_wandb: bool, wandb_project: str, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = None
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config, name=run_dir.name)
+
+    def log(self, step: int, **scalars: float) -> None:
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        for key, value in scalars.items():
+            self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

@@ -1,0 +1,361 @@
+"""`mlm pretrain`: setup → fit, as plain functions that tests call directly.
+
+One optimizer step = `accum` micro-batches of `micro_batch` sequences on each of `world_size` ranks:
+    global_batch = micro_batch × accum × world_size
+Masking happens on the device; the loss is only read back to the host at logging steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mlm import dist
+from mlm.config import PretrainConfig, save_config
+from mlm.data.masking import MaskingSpec, mask_tokens
+from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
+from mlm.data.stream import Sampler, TokenStream, Windows
+from mlm.errors import UserError
+from mlm.model.build import MaskedLMLoss, build_model, count_parameters, hf_config, load_model
+from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
+from mlm.train.checkpoint import checkpoint_dirs, find_checkpoint, load_training_state, save_checkpoint
+from mlm.train.metrics import MetricsLogger
+from mlm.train.optim import build_optimizer, build_schedule
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class Setup:
+    """Everything `fit` needs, built once by `setup`."""
+
+    cfg: PretrainConfig
+    run_dir: Path
+    info: dist.DistInfo
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    tokenizer: object
+    hf_model: nn.Module
+    loss_model: nn.Module
+    """The module the step calls: MaskedLMLoss, possibly compiled and wrapped by DDP."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train: Windows
+    validation: Windows | None
+    sampler: Sampler
+    masking: MaskingSpec
+    accum: int
+    start_step: int
+    compiled: bool
+
+
+def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"system.device={name} but no CUDA GPU is available")
+        return torch.device("cuda", info.local_rank) if name == "cuda" else torch.device(name)
+    return torch.device("cpu")
+
+
+def check_run_dir(run_dir: Path, cfg: PretrainConfig, resuming: bool) -> None:
+    """Refuse to mix two runs in one folder, or to silently restart one that has checkpoints."""
+    config_path = run_dir / CONFIG_FILE
+    if config_path.is_file():
+        theirs = {k: v for k, v in json.loads(config_path.read_text()).items() if k in ("model", "data", "train")}
+        ours = cfg.recipe()
+        if theirs != ours:
+            differ = [
+                f"{section}.{key}"
+                for section in ours
+                for key in ours[section]
+                if theirs.get(section, {}).get(key) != ours[section][key]
+            ]
+            raise UserError(
+                f"{run_dir} already holds a different run (differs in {', '.join(differ) or 'layout'}): "
+                "choose another run.out_dir"
+            )
+        if checkpoint_dirs(run_dir) and not resuming:
+            raise UserError(f"{run_dir} already holds checkpoints of this run: pass --resume to continue it")
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty and holds no mlm run: choose another run.out_dir")
+
+
+def load_data(cfg: PretrainConfig, tokenizer) -> tuple[Windows, Windows | None]:
+    manifest = read_manifest(cfg.data.data_dir)
+    if manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"{cfg.data.data_dir} was prepared with tokenizer {manifest['tokenizer']['name']!r}, "
+            f"not the configured {cfg.data.tokenizer!r}: prepare the data again or configure that tokenizer"
+        )
+    seq_len = cfg.data.seq_len
+    windows = {
+        split: Windows(TokenStream(cfg.data.data_dir, split, manifest), seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        for split in ("train", "validation")
+    }
+    train = windows["train"]
+    if train.count == 0:
+        raise UserError(
+            f"the corpus is too small: {len(train.stream)} training tokens, fewer than one sequence "
+            f"of {seq_len} ({seq_len - 2} tokens + 2 special)"
+        )
+    validation = windows["validation"] if windows["validation"].count > 0 else None
+    return train, validation
+
+
+def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
+    """Validate everything that can be wrong before any output is written, then build the run."""
+    wants_cuda = cfg.system.device.startswith("cuda") or (cfg.system.device == "auto" and torch.cuda.is_available())
+    info = dist.init("cuda" if wants_cuda else "cpu")
+    device = resolve_device(cfg.system.device, info)
+    if cfg.system.threads:
+        torch.set_num_threads(cfg.system.threads)
+    run_dir = Path(cfg.run.out_dir)
+    checkpoint = find_checkpoint(resume if resume != "latest" else run_dir) if resume else None
+    check_run_dir(run_dir, cfg, resuming=checkpoint is not None)
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.data_dir) / TOKENIZER_SUBDIR)
+    if tokenizer_family(tokenizer) != cfg.model.family:
+        raise UserError(
+            f"model.family={cfg.model.family} but the tokenizer uses {tokenizer_family(tokenizer)} special tokens"
+        )
+    train, validation = load_data(cfg, tokenizer)
+
+    per_rank, remainder = divmod(cfg.train.global_batch, info.world_size)
+    if remainder or per_rank % cfg.system.micro_batch:
+        raise UserError(
+            f"train.global_batch={cfg.train.global_batch} is not a multiple of "
+            f"system.micro_batch={cfg.system.micro_batch} × {info.world_size} rank(s)"
+        )
+    accum = per_rank // cfg.system.micro_batch
+
+    if checkpoint is not None:
+        hf_model = load_model(checkpoint)
+    elif cfg.model.init_from:
+        hf_model = load_model(cfg.model.init_from)
+    else:
+        hf_model = build_model(
+            hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout),
+            cfg.train.seed,
+        )
+    if hf_model.config.vocab_size < len(tokenizer):
+        raise UserError(f"the model's vocabulary ({hf_model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})")
+    hf_model.to(device).train()
+    optimizer = build_optimizer(hf_model, cfg.train, fused=device.type == "cuda")
+    scheduler = build_schedule(optimizer, cfg.train)
+    start_step = load_training_state(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
+
+    loss_model: nn.Module = MaskedLMLoss(hf_model)
+    compiled = cfg.system.compile == "on" or (cfg.system.compile == "auto" and device.type == "cuda")
+    if compiled:
+        loss_model = torch.compile(loss_model)
+    if info.distributed:
+        loss_model = nn.parallel.DistributedDataParallel(
+            loss_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    bf16 = cfg.system.precision == "bf16" or (cfg.system.precision == "auto" and device.type == "cuda")
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / CONFIG_FILE)
+        _truncate_metrics(run_dir, start_step)
+    dist.barrier(info)
+
+    masking = MaskingSpec(
+        rate=cfg.data.mask_rate,
+        mask_token_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+        per_token=cfg.data.per_token_masking,
+    )
+    s = Setup(
+        cfg=cfg,
+        run_dir=run_dir,
+        info=info,
+        device=device,
+        autocast_dtype=torch.bfloat16 if bf16 else None,
+        tokenizer=tokenizer,
+        hf_model=hf_model,
+        loss_model=loss_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train=train,
+        validation=validation,
+        sampler=Sampler(train.count, cfg.train.global_batch, cfg.train.seed),
+        masking=masking,
+        accum=accum,
+        start_step=start_step,
+        compiled=compiled,
+    )
+    if info.is_main:
+        _print_arithmetic(s, checkpoint, log)
+    return s
+
+
+def _truncate_metrics(run_dir: Path, start_step: int) -> None:
+    """On resume, drop records a crashed run logged after its last checkpoint, so the log has no repeats."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
+    cfg = s.cfg
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    epochs = cfg.train.steps * cfg.train.global_batch / s.train.count
+    log(
+        f"model: {cfg.model.family}-{cfg.model.size}, {count_parameters(s.hf_model) / 1e6:.2f}M parameters, "
+        f"vocabulary {len(s.tokenizer):,}, on {s.device} ({'bf16' if s.autocast_dtype else 'fp32'}"
+        f"{', compiled' if s.compiled else ''})"
+    )
+    log(
+        f"batch: micro_batch {cfg.system.micro_batch} × accumulation {s.accum} × ranks {s.info.world_size} "
+        f"= global batch {cfg.train.global_batch} sequences of {cfg.data.seq_len} = {tokens_per_step:,} tokens/step"
+    )
+    log(
+        f"data: {s.train.count:,} training sequences ({len(s.train.stream):,} tokens); "
+        f"{cfg.train.steps:,} steps = {epochs:.2f} epochs"
+        + (f"; resuming from {checkpoint} at step {s.start_step}" if checkpoint else "")
+    )
+
+
+def _masking_generator(device: torch.device, seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    """Masks depend only on (seed, step, rank, micro): a resumed run masks exactly as an unbroken one."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) * 1_013 + micro)
+    return gen
+
+
+def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns (mean loss, grad norm) as device tensors (no host synchronisation)."""
+    cfg = s.cfg
+    ids = s.sampler.rank_batch_ids(step, s.info.rank, s.info.world_size)  # this rank's slice of the global batch
+    batch = torch.from_numpy(s.train.batch(ids))  # (accum × micro_batch, T)
+    if s.device.type == "cuda":
+        batch = batch.pin_memory().to(s.device, non_blocking=True)
+    micro_batches = batch.split(cfg.system.micro_batch)
+    loss_sum = torch.zeros((), device=s.device)
+    for micro, input_ids in enumerate(micro_batches):
+        gen = _masking_generator(s.device, cfg.train.seed, step, s.info.rank, micro)
+        masked, positions, labels = mask_tokens(input_ids, s.masking, gen)  # (B, T), (B, K), (B, K)
+        last = micro == len(micro_batches) - 1
+        # DDP: all-reduce gradients only once, after the last micro-batch.
+        sync = contextlib.nullcontext() if last or not s.info.distributed else s.loss_model.no_sync()
+        with sync:
+            with _autocast(s):
+                loss = s.loss_model(masked, positions, labels) / s.accum
+            loss.backward()
+        loss_sum += loss.detach()
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.hf_model.parameters(), clip)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return dist.mean_across_ranks(loss_sum, s.info), grad_norm
+
+
+def _autocast(s: Setup):
+    if s.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=s.device.type, dtype=s.autocast_dtype)
+
+
+@torch.no_grad()
+def evaluate(s: Setup) -> float | None:
+    """Mean MLM loss on up to eval.sequences validation sequences spread over the split, with fixed masks."""
+    if s.validation is None:
+        return None
+    count = min(s.cfg.eval.sequences, s.validation.count)
+    ids = torch.linspace(0, s.validation.count - 1, count).long().numpy()
+    s.hf_model.eval()
+    total, n = torch.zeros((), device=s.device), 0
+    for start in range(0, count, s.cfg.system.micro_batch):
+        input_ids = torch.from_numpy(s.validation.batch(ids[start : start + s.cfg.system.micro_batch])).to(s.device)
+        gen = _masking_generator(s.device, s.cfg.train.seed, -1, 0, start)
+        masked, positions, labels = mask_tokens(input_ids, s.masking, gen)
+        with _autocast(s):
+            total += MaskedLMLoss(s.hf_model)(masked, positions, labels) * len(input_ids)
+        n += len(input_ids)
+    s.hf_model.train()
+    return (total / n).item()
+
+
+def fit(s: Setup, log=print) -> dict:
+    """Train from s.start_step to cfg.train.steps; returns the final train and validation losses."""
+    from tqdm.auto import tqdm
+
+    cfg = s.cfg
+    main = s.info.is_main
+    logger = MetricsLogger(s.run_dir, cfg.run.wandb, cfg.run.wandb_project, dataclasses.asdict(cfg)) if main else None
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    bar = tqdm(
+        total=cfg.train.steps, initial=s.start_step, disable=not (main and cfg.run.progress), unit="step", dynamic_ncols=True
+    )
+    loss_acc = torch.zeros((), device=s.device)
+    steps_in_window, window_start = 0, time.time()
+    last_loss = last_val = None
+    for step in range(s.start_step, cfg.train.steps):
+        lr = s.scheduler.get_last_lr()[0]
+        loss, grad_norm = train_step(s, step)
+        loss_acc += loss
+        steps_in_window += 1
+        done = step + 1
+        bar.update(1)
+        if done % cfg.run.log_every == 0 or done == cfg.train.steps:
+            last_loss = (loss_acc / steps_in_window).item()  # the only host sync of the step loop
+            tokens_per_s = steps_in_window * tokens_per_step / (time.time() - window_start)
+            if main:
+                logger.log(done, loss=last_loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s)
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            loss_acc.zero_()
+            steps_in_window, window_start = 0, time.time()
+        if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
+            last_val = evaluate(s)
+            if main and last_val is not None:
+                logger.log(done, val_loss=last_val)
+                bar.write(f"step {done}: validation loss {last_val:.4f}")
+        if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
+            if main:
+                path = save_checkpoint(
+                    s.run_dir, done, s.hf_model, s.tokenizer, s.optimizer, s.scheduler, cfg.run.keep_checkpoints
+                )
+                _maybe_launch_glue(cfg, path, done)
+            dist.barrier(s.info)
+    bar.close()
+    if logger is not None:
+        logger.close()
+    return {"train_loss": last_loss, "val_loss": last_val, "steps": cfg.train.steps}
+
+
+def _maybe_launch_glue(cfg: PretrainConfig, checkpoint: Path, step: int) -> None:
+    """Every eval.glue_every-th checkpoint, score it on GLUE in a separate process, so training never waits."""
+    if not cfg.eval.glue_every or (step // cfg.run.checkpoint_every) % cfg.eval.glue_every:
+        return
+    out = checkpoint.parent / "glue" / checkpoint.name
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "mlm", "glue", "--model", str(checkpoint), "--tasks", cfg.eval.glue_tasks, "--out", str(out)]
+    if cfg.eval.glue_dir:
+        command += ["--glue-dir", cfg.eval.glue_dir]
+    with open(out / "glue.log", "w") as log_file:
+        subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def pretrain(cfg: PretrainConfig, resume: str | None = None, log=print) -> dict:
+    """The whole `mlm pretrain` command."""
+    s = setup(cfg, resume, log)
+    try:
+        return fit(s, log)
+    finally:
+        dist.cleanup()
