@@ -8,6 +8,94 @@ import sys
 from mlm.errors import UserError
 
 
+# ---- tokenizer, prepare, pretrain, demo ------------------------------------------------------
+def _add_tokenizer(subparsers) -> None:
+    p = subparsers.add_parser("tokenizer", help="train a tokenizer on a corpus, or copy an existing one")
+    p.add_argument("--corpus", nargs="+", default=[], help="files, folders, globs, hf:NAME[:CONFIG], or demo")
+    p.add_argument("--family", default="roberta", help="roberta (byte-level BPE) or bert (uncased WordPiece)")
+    p.add_argument("--vocab-size", type=int, default=32_000)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
+    p.add_argument("--from", dest="from_name", default="", help="copy this tokenizer (hub name or directory) instead")
+    p.add_argument("--out", required=True, help="tokenizer directory to write")
+    p.set_defaults(func=_run_tokenizer)
+
+
+def _run_tokenizer(args: argparse.Namespace) -> None:
+    from mlm.tokenizer import build_tokenizer
+
+    if not args.corpus and not args.from_name:
+        raise UserError("give --corpus to train a tokenizer or --from to copy one")
+    build_tokenizer(args.out, args.corpus, args.family, args.vocab_size, args.min_frequency, args.text_field, args.from_name)
+
+
+def _add_prepare(subparsers) -> None:
+    p = subparsers.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards")
+    p.add_argument("--corpus", nargs="+", required=True, help="files, folders, globs, hf:NAME[:CONFIG], or demo")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name")
+    p.add_argument("--out", required=True, help="data directory to write")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores - 1)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--hf-split", default="train", help="split of a hub dataset")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args: argparse.Namespace) -> None:
+    from mlm.data.prepare import PrepareConfig, prepare
+
+    options = {"workers": args.workers} if args.workers is not None else {}
+    cfg = PrepareConfig(
+        sources=args.corpus,
+        tokenizer=args.tokenizer,
+        out_dir=args.out,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        hf_split=args.hf_split,
+        overwrite=args.overwrite,
+        **options,
+    )
+    prepare(cfg)
+
+
+def _add_pretrain(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a masked language model",
+        description="Pretrain from a TOML recipe; any key can be overridden as --section.key=value.",
+    )
+    p.add_argument("config", nargs="?", help="TOML recipe (e.g. configs/roberta-medium.toml); defaults if omitted")
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None,
+        help="continue from the newest checkpoint of run.out_dir, or from the given checkpoint / run folder",
+    )
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> None:
+    from mlm.config import load_config
+    from mlm.train.pretrain import pretrain
+
+    pretrain(load_config(args.config, args.overrides), resume=args.resume)
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the whole chain on the embedded BBC News corpus, offline, on CPU")
+    p.add_argument("--out", default="runs/demo", help="demo folder (tokenizer, data, run, report)")
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo recipe's)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from mlm.demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+
+
+# ---- end tokenizer, prepare, pretrain, demo --------------------------------------------------
+
+
 # ---- glue ------------------------------------------------------------------------------------
 def _add_glue(subparsers) -> None:
     p = subparsers.add_parser("glue", help="fine-tune and evaluate checkpoints on GLUE")
@@ -24,12 +112,18 @@ def _run_glue(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlm", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_glue(subparsers)
+    for add in (_add_tokenizer, _add_prepare, _add_pretrain, _add_demo, _add_glue):
+        add(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    # Only `pretrain` takes free-form --section.key=value overrides; anything unknown elsewhere is an error.
+    if args.command == "pretrain":
+        args.overrides = extra
+    elif extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except UserError as e:

@@ -94,7 +94,8 @@ def train_tokenizer(
         raise UserError(f"vocab_size={vocab_size} is too large")
     build = _roberta_tokenizer if family == "roberta" else _bert_tokenizer
     tokenizer = build(texts, vocab_size, min_frequency)
-    if len(tokenizer) <= len(ROBERTA_SPECIALS):
+    # Byte-level BPE always holds the 256 byte symbols; WordPiece only what it saw.
+    if len(tokenizer) <= len(ROBERTA_SPECIALS) + (256 if family == "roberta" else 0):
         raise UserError("the corpus is empty: the tokenizer learned no tokens")
     save_tokenizer(tokenizer, out_dir)
     return tokenizer
@@ -107,6 +108,7 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
     try:
         tokenizer.save_pretrained(str(tmp))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -149,3 +151,31 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "lower": bool(getattr(tokenizer, "do_lower_case", False)),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_tokenizer(
+    out_dir: str | Path,
+    sources: list[str] | None = None,
+    family: str = "roberta",
+    vocab_size: int = 32_000,
+    min_frequency: int = 2,
+    text_field: str = "text",
+    from_name: str = "",
+    log=print,
+):
+    """`mlm tokenizer`: train a tokenizer on a corpus, or copy an existing one (hub name or directory), into out_dir."""
+    from mlm.data.corpus import ReadStats, check_sources, iter_documents
+
+    if from_name:
+        tokenizer = load_tokenizer(from_name)
+        save_tokenizer(tokenizer, out_dir)
+        log(f"saved {from_name} ({len(tokenizer):,} tokens, {tokenizer_family(tokenizer)} layout) to {out_dir}")
+        return tokenizer
+    check_family(family)
+    check_sources(sources or [])
+    stats = ReadStats()
+    tokenizer = train_tokenizer(iter_documents(sources, stats, text_field), family, vocab_size, out_dir, min_frequency)
+    if stats.bad_utf8:
+        log(f"warning: replaced {stats.bad_utf8} invalid UTF-8 byte sequence(s) with U+FFFD")
+    log(f"trained a {family} tokenizer of {len(tokenizer):,} tokens on {stats.documents:,} documents → {out_dir}")
+    return tokenizer

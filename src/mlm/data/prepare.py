@@ -173,6 +173,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         save_tokenizer(tokenizer, tmp / TOKENIZER_SUBDIR)
         manifest = _write_streams(cfg, tokenizer, dtype, tmp, log)
         _write_json_atomic(tmp / MANIFEST, manifest)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
