@@ -84,16 +84,19 @@ class FinetuneConfig:
 
 
 def _hf_quiet():
-    """Silence transformers' notices (e.g. "classifier newly initialized", expected here) for one call."""
+    """Silence transformers' notices (e.g. "classifier newly initialized", expected here) and bars for one call."""
     from transformers.utils import logging as hf_logging
 
     class _Quiet:
         def __enter__(self):
-            self.level = hf_logging.get_verbosity()
+            self.level, self.bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
             hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()  # "Loading weights" bars, once per seed
 
         def __exit__(self, *exc):
             hf_logging.set_verbosity(self.level)
+            if self.bars:
+                hf_logging.enable_progress_bar()
 
     return _Quiet()
 

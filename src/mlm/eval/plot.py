@@ -1,0 +1,54 @@
+"""The score curve: average GLUE score against pretraining step (left), each task's column (right)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlm.eval.tasks import REFERENCE_ROWS, TABLE_COLUMNS
+
+
+def plot_curve(rows: list[dict], path: str | Path, title: str = "GLUE score over pretraining") -> Path:
+    """Draw rows (dicts with "Step", "Avg" and column headers, scores in percent) to a PNG.
+
+    Published reference averages, over the same columns, are drawn as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in rows if r.get("Step") is not None), key=lambda r: r["Step"])
+    steps = [r["Step"] for r in rows]
+    present = [c.header for c in TABLE_COLUMNS if any(r.get(c.header) is not None for r in rows)]
+
+    fig, (ax_avg, ax_tasks) = plt.subplots(1, 2, figsize=(13, 4.8))
+    avg = [r.get("Avg") for r in rows]
+    ax_avg.plot(steps, avg, marker="o", color="black", label="this run")
+    for (name, ref), style in zip(REFERENCE_ROWS.items(), ("--", ":")):
+        if present:
+            ax_avg.axhline(sum(ref[h] for h in present) / len(present), linestyle=style, color="gray", label=name)
+    ax_avg.set(xlabel="pretraining step", ylabel=f"average score over {len(present)} GLUE columns", title=title)
+    ax_avg.grid(alpha=0.3)
+    ax_avg.legend(fontsize=8)
+
+    for header in present + [h for h in _extra_headers(rows) if h not in present]:
+        points = [(r["Step"], r[header]) for r in rows if r.get(header) is not None]
+        ax_tasks.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=header)
+    ax_tasks.set(xlabel="pretraining step", ylabel="score", title="per task")
+    ax_tasks.grid(alpha=0.3)
+    ax_tasks.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)  # never a half-written PNG under the real name
+    return path
+
+
+def _extra_headers(rows: list[dict]) -> list[str]:
+    """Score columns beyond the reference's nine and the average (CoLA, tasks of your own)."""
+    fixed = {"Model", "Step", "Avg"} | {c.header for c in TABLE_COLUMNS}
+    return sorted({k for r in rows for k, v in r.items() if k not in fixed and isinstance(v, (int, float))})

@@ -1,0 +1,134 @@
+"""Each task's reader on small files in the real GLUE download layout; custom files; clear errors."""
+
+import json
+
+import pytest
+from glue_fixtures import write_glue_dir, write_tsv
+
+from mlm.errors import UserError
+from mlm.eval.readers import load_task_data, read_glue_tsv, read_table_file, task_from_file
+from mlm.eval.tasks import GLUE_TASKS, TABLE_COLUMNS, custom_task, parse_tasks
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    return write_glue_dir(tmp_path_factory.mktemp("glue"), n_train=12, n_dev=6)
+
+
+@pytest.mark.parametrize("name", list(GLUE_TASKS))
+def test_every_task_reads_its_files(glue_dir, name):
+    task = GLUE_TASKS[name]
+    data = load_task_data(task, glue_dir)
+    assert list(data) == ["train", *task.eval_splits]
+    assert len(data["train"]) == 12 and all(len(data[s]) == 6 for s in task.eval_splits)
+    for ex in data["train"]:
+        assert set(ex) == {*task.text_fields, "label"}
+        assert all(isinstance(ex[f], str) and ex[f] for f in task.text_fields)
+        if task.is_regression:
+            assert isinstance(ex["label"], float)
+        else:
+            assert isinstance(ex["label"], int) and 0 <= ex["label"] < task.num_labels
+
+
+def test_cola_has_no_header_and_takes_column_3(tmp_path):
+    write_tsv(tmp_path / "CoLA" / "dev.tsv", [["gj04", "1", "", "The cat sat ."], ["gj04", "0", "*", "Cat the sat ."]])
+    rows = read_glue_tsv(GLUE_TASKS["cola"], tmp_path, "validation")
+    assert rows == [{"sentence": "The cat sat .", "label": 1}, {"sentence": "Cat the sat .", "label": 0}]
+
+
+def test_mrpc_bom_header_and_quotes_kept_raw(tmp_path):
+    header = ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]
+    write_tsv(tmp_path / "MRPC" / "train.tsv", [["1", "7", "8", 'He said "yes" .', "He agreed ."]], header, bom=True)
+    rows = read_glue_tsv(GLUE_TASKS["mrpc"], tmp_path, "train")
+    assert rows == [{"sentence1": 'He said "yes" .', "sentence2": "He agreed .", "label": 1}]
+
+
+def test_label_names_map_to_hub_ids(glue_dir, tmp_path):
+    header = ["index", "question", "sentence", "label"]
+    write_tsv(tmp_path / "QNLI" / "dev.tsv", [["0", "q", "s", "entailment"], ["1", "q", "s", "not_entailment"]], header)
+    assert [r["label"] for r in read_glue_tsv(GLUE_TASKS["qnli"], tmp_path, "validation")] == [0, 1]
+    base = ["index", "promptID", "pairID", "genre", "a", "b", "c", "d", "sentence1", "sentence2"]
+    rows = [["0", "1", "2", "fiction", "", "", "", "", "p", "h", *["x"] * 5, gold] for gold in ("entailment", "neutral", "contradiction")]
+    write_tsv(tmp_path / "MNLI" / "dev_mismatched.tsv", rows, base + [f"label{k}" for k in range(1, 6)] + ["gold_label"])
+    mm = read_glue_tsv(GLUE_TASKS["mnli"], tmp_path, "validation_mismatched")
+    assert [r["label"] for r in mm] == [0, 1, 2] and mm[0]["premise"] == "p" and mm[0]["hypothesis"] == "h"
+
+
+def test_stsb_score_is_float(tmp_path):
+    header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
+    write_tsv(tmp_path / "STS-B" / "dev.tsv", [["0", "g", "f", "y", "0", "s", "s", "a b", "c d", "3.800"]], header)
+    assert read_glue_tsv(GLUE_TASKS["stsb"], tmp_path, "validation") == [{"sentence1": "a b", "sentence2": "c d", "label": 3.8}]
+
+
+def test_qqp_skips_incomplete_rows(tmp_path):
+    header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
+    write_tsv(tmp_path / "QQP" / "train.tsv", [["0", "1", "2", "a?", "b?", "1"], ["1", "3", "4", "broken"]], header)
+    assert read_glue_tsv(GLUE_TASKS["qqp"], tmp_path, "train") == [{"question1": "a?", "question2": "b?", "label": 1}]
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"missing GLUE file .*RTE.*train\.tsv"):
+        load_task_data(GLUE_TASKS["rte"], tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        load_task_data(GLUE_TASKS["rte"], tmp_path / "nope")
+
+
+def test_malformed_files_are_clear_errors(tmp_path):
+    # a short row in a task that does not allow them: file and line in the message
+    write_tsv(tmp_path / "RTE" / "train.tsv", [["0", "a", "b", "entailment"], ["1", "only one"]], ["index", "sentence1", "sentence2", "label"])
+    with pytest.raises(UserError, match=r"train\.tsv:3: 2 columns"):
+        read_glue_tsv(GLUE_TASKS["rte"], tmp_path, "train")
+    # a header from another task
+    write_tsv(tmp_path / "SST-2" / "train.tsv", [["a", "1"]], ["text", "label"])
+    with pytest.raises(UserError, match="header lacks column"):
+        read_glue_tsv(GLUE_TASKS["sst2"], tmp_path, "train")
+    # CoLA with a header line by mistake: the "label" is not a class
+    write_tsv(tmp_path / "CoLA" / "train.tsv", [["src", "label", "orig", "sentence"], ["gj04", "1", "", "ok ."]])
+    with pytest.raises(UserError, match=r"train\.tsv:1: label 'label'"):
+        read_glue_tsv(GLUE_TASKS["cola"], tmp_path, "train")
+    # an unknown label
+    write_tsv(tmp_path / "WNLI" / "train.tsv", [["0", "a", "b", "2"]], ["index", "sentence1", "sentence2", "label"])
+    with pytest.raises(UserError, match="not a class id 0..1"):
+        read_glue_tsv(GLUE_TASKS["wnli"], tmp_path, "train")
+    # an empty file
+    write_tsv(tmp_path / "QNLI" / "train.tsv", [])
+    (tmp_path / "QNLI" / "train.tsv").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        read_glue_tsv(GLUE_TASKS["qnli"], tmp_path, "train")
+
+
+def test_custom_csv_jsonl_and_task_file(tmp_path):
+    (tmp_path / "train.csv").write_text('text,topic\n"hello, world",sport\nbye,tech\n')
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"text": "hi", "topic": "tech"}) + "\n\n" + json.dumps({"text": "yo", "topic": 0}) + "\n")
+    (tmp_path / "task.toml").write_text(
+        'name = "topics"\ntext_fields = ["text"]\nlabel_field = "topic"\nlabel_names = ["sport", "tech"]\n'
+        'metrics = ["accuracy", "macro_f1"]\ntrain = "train.csv"\nvalidation = "dev.jsonl"\n[hparams]\nepochs = 5\n'
+    )
+    task = task_from_file(tmp_path / "task.toml")
+    assert task.num_labels == 2 and task.hparams == {"epochs": 5} and task.metrics == ("accuracy", "macro_f1")
+    data = load_task_data(task)
+    assert data["train"] == [{"text": "hello, world", "label": 0}, {"text": "bye", "label": 1}]
+    assert data["validation"] == [{"text": "hi", "label": 1}, {"text": "yo", "label": 0}]
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "a", "topic": 1}\n{oops\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_table_file(task, tmp_path / "bad.jsonl")
+    (tmp_path / "nolabel.csv").write_text("text\nhello\n")
+    with pytest.raises(UserError, match=r"header lacks column\(s\) \['topic'\]"):
+        read_table_file(task, tmp_path / "nolabel.csv")
+    (tmp_path / "bad.toml").write_text('name = "x"\ntext_fields = ["text"]\ntrain = "a"\nvalidation = "b"\nmetric = "f1"\n')
+    with pytest.raises(UserError, match="unknown key"):
+        task_from_file(tmp_path / "bad.toml")
+
+
+def test_task_table_and_selection():
+    assert [t.name for t in parse_tasks("all")] == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert [t.name for t in parse_tasks("RTE, sst-2,rte")] == ["rte", "sst2"]
+    with pytest.raises(UserError, match="unknown GLUE task 'squad'"):
+        parse_tasks("rte,squad")
+    # every table column names a real task, split and metric
+    for col in TABLE_COLUMNS:
+        task = GLUE_TASKS[col.task]
+        assert col.split in task.eval_splits and col.metric in task.metrics
+    with pytest.raises(UserError, match="unknown metric"):
+        custom_task("x", ["text"], 2, metrics=["bleu"])

@@ -1,0 +1,116 @@
+"""`mlm glue` end to end on tiny checkpoints and a tiny GLUE directory: JSON, tables, curve, reuse, errors."""
+
+import csv
+import json
+import shutil
+
+import pytest
+from glue_fixtures import make_checkpoint, write_glue_dir
+
+from mlm.cli import main
+from mlm.eval.finetune import FinetuneConfig
+from mlm.eval.glue import evaluate_model, parse_overrides, task_config
+from mlm.eval.tasks import GLUE_TASKS, parse_tasks
+
+QUICK = ["--seeds", "2", "--lr", "1e-3", "--max-length", "48", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("glue_run")
+    write_glue_dir(root / "GLUE", n_train=32, n_dev=12)
+    make_checkpoint(root / "run" / "checkpoint-100")
+    for step in (200, 300):  # later checkpoints share the tokenizer (as in a real run)
+        shutil.copytree(root / "run" / "checkpoint-100", root / "run" / f"checkpoint-{step}")
+    return root
+
+
+def test_model_writes_task_json_and_tables(workspace):
+    out = workspace / "out_model"
+    main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--glue-dir", str(workspace / "GLUE"),
+          "--tasks", "rte,mnli,cola", "--out", str(out), *QUICK])
+    mnli = json.loads((out / "mnli.json").read_text())
+    assert mnli["complete"] and mnli["model"] == "run" and mnli["step"] == 100 and mnli["seeds"] == [0, 1]
+    assert [r["seed"] for r in mnli["per_seed"]] == [0, 1]
+    assert set(mnli["scores"]) == {"validation_matched", "validation_mismatched"}
+    assert mnli["recipe"]["lr"] == 1e-3 and mnli["recipe"]["max_length"] == 48
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["Model"] for r in rows] == ["run"] and rows[0]["Step"] == "100"
+    assert list(rows[0]) == ["Model", "Step", "MNLI-m", "MNLI-mm", "RTE-Acc", "Avg", "CoLA-MCC"]  # CoLA apart
+    avg = (float(rows[0]["MNLI-m"]) + float(rows[0]["MNLI-mm"]) + float(rows[0]["RTE-Acc"])) / 3
+    assert float(rows[0]["Avg"]) == pytest.approx(avg, abs=0.01)
+    md = (out / "results.md").read_text()
+    assert "| Model | Step | MNLI-m | MNLI-mm | RTE-Acc | Avg | CoLA-MCC |" in md and "RoBERTa-medium (reference)" in md
+    assert not list(out.glob("*.tmp"))
+
+
+def test_run_scores_every_checkpoint_reuses_results_and_draws_the_curve(workspace):
+    run, glue = workspace / "run", workspace / "GLUE"
+    # checkpoint-100 was scored earlier "by pretraining"; plant a marker to see that --run reuses it
+    main(["glue", "--model", str(run / "checkpoint-100"), "--glue-dir", str(glue), "--tasks", "rte,mrpc", *QUICK])
+    saved = run / "glue" / "checkpoint-100" / "rte.json"
+    result = json.loads(saved.read_text())
+    for r in result["per_seed"]:
+        r["scores"]["validation"]["accuracy"] = 0.123
+    result["scores"]["validation"]["accuracy"] = 0.123
+    saved.write_text(json.dumps(result))
+
+    main(["glue", "--run", str(run), "--steps", "100,300", "--glue-dir", str(glue), "--tasks", "rte,mrpc", *QUICK])
+    out = run / "glue"
+    assert (out / "glue_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["Step"] for r in rows] == ["100", "300"]
+    assert rows[0]["RTE-Acc"] == "12.3"  # reused, not recomputed
+    assert not (out / "checkpoint-200").exists()  # not asked for
+
+    # other settings: the saved seeds no longer count and are recomputed
+    main(["glue", "--run", str(run), "--steps", "100", "--glue-dir", str(glue), "--tasks", "rte",
+          "--seeds", "1", "--lr", "2e-3", "--max-length", "48", "--no-progress"])
+    assert json.loads(saved.read_text())["scores"]["validation"]["accuracy"] != 0.123
+
+    # gathering only: all checkpoints with results, nothing computed
+    (out / "glue_curve.png").unlink()
+    main(["glue", "--run", str(run), "--gather-only", "--tasks", "rte,mrpc"])
+    assert (out / "glue_curve.png").exists()
+
+
+def test_tokenized_tasks_are_shared_across_seeds_and_checkpoints(workspace, tmp_path):
+    cache: dict = {}
+    tasks = parse_tasks("rte,sst2")
+    for step in (200, 300):
+        evaluate_model(str(workspace / "run" / f"checkpoint-{step}"), tasks, tmp_path / str(step),
+                       glue_dir=str(workspace / "GLUE"), seeds=2, base=FinetuneConfig(max_length=48),
+                       cache=cache, progress=False)
+    assert sum(1 for k in cache if k[0] == "encoded") == len(tasks)  # once per task, not per seed or checkpoint
+
+
+def test_settings_precedence():
+    over = parse_overrides(["lr=3e-5", "rte.epochs=10", "rte.adam_betas=0.9,0.98", "max_train_samples=none"])
+    rte = task_config(GLUE_TASKS["rte"], FinetuneConfig(), over)
+    assert (rte.lr, rte.epochs, rte.adam_betas, rte.max_train_samples) == (3e-5, 10, (0.9, 0.98), None)
+    assert task_config(GLUE_TASKS["mrpc"], FinetuneConfig(), over).epochs == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent/checkpoint-5", "--tasks", "rte"], "missing checkpoint"),
+    (["--model", "x", "--tasks", "rte,squad"], "unknown GLUE task 'squad'"),
+    (["--model", "x", "--set", "rte.speed=3"], "bad override"),
+    (["--model", "x", "--set", "lr=fast"], "not a valid"),
+    (["--run", "/nonexistent/run"], "does not exist"),
+])
+def test_cli_errors_are_one_clear_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["glue", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_cli_missing_glue_file_and_missing_step(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--glue-dir", str(tmp_path),
+              "--tasks", "rte", "--out", str(tmp_path / "o"), *QUICK])
+    assert "missing GLUE file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["glue", "--run", str(workspace / "run"), "--steps", "999", "--glue-dir", str(workspace / "GLUE")])
+    assert "no checkpoint-999" in capsys.readouterr().err
