@@ -98,12 +98,47 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 # ---- glue ------------------------------------------------------------------------------------
 def _add_glue(subparsers) -> None:
-    p = subparsers.add_parser("glue", help="fine-tune and evaluate checkpoints on GLUE")
+    p = subparsers.add_parser(
+        "glue", help="fine-tune and evaluate checkpoints on GLUE",
+        description="Fine-tune and score a Hugging Face BERT/RoBERTa checkpoint (--model) or every checkpoint "
+        "of a pretraining run (--run) on GLUE; writes per-task JSON, results.md / results.csv, and a curve.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="checkpoint folder or hub name")
+    which.add_argument("--run", help="pretraining run folder holding checkpoint-<step>/ folders")
+    p.add_argument("--steps", help="with --run: only these steps, e.g. 1000,2000")
+    p.add_argument("--tasks", help="all (default) or a comma list: cola,sst2,mrpc,stsb,qqp,mnli,qnli,rte,wnli")
+    p.add_argument("--task-file", action="append", default=[], help="a task of your own (TOML/JSON); repeatable")
+    p.add_argument("--glue-dir", help="original GLUE download (CoLA/, SST-2/, ...); default: the hub (nyu-mll/glue)")
+    p.add_argument("--out", help="results folder (default: RUN/glue[/checkpoint-<step>] or ./glue_results/NAME)")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task; the median is reported")
+    p.add_argument("--name", help="model name in the table (default: run or folder name)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-5)")
+    p.add_argument("--epochs", type=int, help="default 3")
+    p.add_argument("--batch-size", type=int, help="default 32")
+    p.add_argument("--max-length", type=int, help="default 512 as the reference; 128 is much faster")
+    p.add_argument("--max-train-samples", type=int, help="fine-tune on a random subset (quick runs)")
+    p.add_argument("--max-eval-samples", type=int, help="score on a random subset (quick runs)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="autocast dtype (default auto: bf16 on GPU)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="[TASK.]FIELD=VALUE",
+                   help="any fine-tuning setting, for all tasks or one, e.g. --set rte.epochs=10; repeatable")
+    p.add_argument("--force", action="store_true", help="recompute results already saved")
+    p.add_argument("--gather-only", action="store_true", help="with --run: compute nothing, tabulate and plot saved results")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_run_glue)
 
 
 def _run_glue(args: argparse.Namespace) -> None:
-    raise UserError("mlm glue is not available yet")
+    from mlm.eval.glue import glue_command
+
+    glue_command(
+        model=args.model, run=args.run, steps=args.steps, tasks=args.tasks, task_files=args.task_file,
+        glue_dir=args.glue_dir, out=args.out, seeds=args.seeds, name=args.name, lr=args.lr, epochs=args.epochs,
+        batch_size=args.batch_size, max_length=args.max_length, max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples, device=args.device, dtype=args.dtype, settings=args.settings,
+        force=args.force, gather_only=args.gather_only, progress=args.progress,
+    )
 
 
 # ---- end glue --------------------------------------------------------------------------------
