@@ -44,6 +44,9 @@ def save_checkpoint(
     run_dir: Path, step: int, hf_model, tokenizer, optimizer, scheduler, keep: int = 0
 ) -> Path:
     """Write checkpoint-<step>/ atomically; with keep > 0, delete all but the newest `keep`."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar, the training one
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -231,10 +231,11 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
     )
 
 
-def _masking_generator(device: torch.device, seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    """Masks depend only on (seed, step, rank, micro): a resumed run masks exactly as an unbroken one."""
+def _masking_generator(device: torch.device, seed: int, step: int, chunk: int) -> torch.Generator:
+    """Masks depend only on (seed, step, chunk of the global batch): a resumed run masks exactly as an
+    unbroken one, and with equal micro-batches any number of ranks masks the same sequences alike."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) * 1_013 + micro)
+    gen.manual_seed((seed * 1_000_003 + step) * 1_000_033 + chunk)
     return gen
 
 
@@ -248,7 +249,7 @@ def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     micro_batches = batch.split(cfg.system.micro_batch)
     loss_sum = torch.zeros((), device=s.device)
     for micro, input_ids in enumerate(micro_batches):
-        gen = _masking_generator(s.device, cfg.train.seed, step, s.info.rank, micro)
+        gen = _masking_generator(s.device, cfg.train.seed, step, s.info.rank * s.accum + micro)
         masked, positions, labels = mask_tokens(input_ids, s.masking, gen)  # (B, T), (B, K), (B, K)
         last = micro == len(micro_batches) - 1
         # DDP: all-reduce gradients only once, after the last micro-batch.
@@ -283,7 +284,7 @@ def evaluate(s: Setup) -> float | None:
     total, n = torch.zeros((), device=s.device), 0
     for start in range(0, count, s.cfg.system.micro_batch):
         input_ids = torch.from_numpy(s.validation.batch(ids[start : start + s.cfg.system.micro_batch])).to(s.device)
-        gen = _masking_generator(s.device, s.cfg.train.seed, -1, 0, start)
+        gen = _masking_generator(s.device, s.cfg.train.seed, -1, start)
         masked, positions, labels = mask_tokens(input_ids, s.masking, gen)
         with _autocast(s):
             total += MaskedLMLoss(s.hf_model)(masked, positions, labels) * len(input_ids)
@@ -306,6 +307,8 @@ def fit(s: Setup, log=print) -> dict:
     loss_acc = torch.zeros((), device=s.device)
     steps_in_window, window_start = 0, time.time()
     last_loss = last_val = None
+    if main and cfg.eval.every and s.start_step == 0 and s.validation is not None:
+        logger.log(0, val_loss=evaluate(s))  # the curve starts from the untrained model
     for step in range(s.start_step, cfg.train.steps):
         lr = s.scheduler.get_last_lr()[0]
         loss, grad_norm = train_step(s, step)
@@ -336,7 +339,12 @@ def fit(s: Setup, log=print) -> dict:
     bar.close()
     if logger is not None:
         logger.close()
-    return {"train_loss": last_loss, "val_loss": last_val, "steps": cfg.train.steps}
+    return {
+        "train_loss": last_loss,
+        "val_loss": last_val,
+        "steps": cfg.train.steps,
+        "parameters": count_parameters(s.hf_model),
+    }
 
 
 def _maybe_launch_glue(cfg: PretrainConfig, checkpoint: Path, step: int) -> None:

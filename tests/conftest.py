@@ -1,0 +1,74 @@
+"""Shared fixtures: a generated corpus, tokenizers trained in-process, prepared data. No downloads."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from mlm.config import DataConfig, EvalConfig, ModelConfig, PretrainConfig, RunConfig, SystemConfig, TrainConfig
+from mlm.data.prepare import PrepareConfig, prepare
+from mlm.tokenizer import train_tokenizer
+
+SUBJECTS = ["the cat", "a dog", "the old farmer", "my sister", "the government", "a small bird", "the team"]
+VERBS = ["sees", "likes", "chases", "builds", "finds", "reads", "sells"]
+OBJECTS = ["a red ball", "the river", "an apple", "the new house", "a long letter", "the market", "green fields"]
+
+
+def make_documents(n: int, seed: int = 0) -> list[str]:
+    """Documents of 1-6 template sentences: structured enough that a tiny model's loss falls quickly."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = [
+            f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+            for _ in range(rng.randint(1, 6))
+        ]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(make_documents(1500)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session", params=["roberta", "bert"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tokenizers")
+    docs = make_documents(1500)
+    dirs = {}
+    for fam in ("roberta", "bert"):
+        dirs[fam] = root / fam
+        train_tokenizer(docs, fam, 400, dirs[fam])
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def data_dirs(tmp_path_factory, corpus_file, tokenizer_dirs) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    dirs = {}
+    for fam, tok in tokenizer_dirs.items():
+        dirs[fam] = root / fam
+        prepare(PrepareConfig([str(corpus_file)], str(tok), str(dirs[fam]), val_fraction=0.05, workers=1), log=lambda _: None)
+    return dirs
+
+
+def tiny_config(data_dir: Path, out_dir: Path, family: str = "roberta", steps: int = 30, **train) -> PretrainConfig:
+    """A CPU-fast recipe: tiny model, 32-token sequences."""
+    return PretrainConfig(
+        model=ModelConfig(family=family, size="tiny", max_positions=64),
+        data=DataConfig(data_dir=str(data_dir), seq_len=32),
+        train=TrainConfig(steps=steps, global_batch=16, lr=2e-3, warmup_steps=3, **train),
+        system=SystemConfig(micro_batch=8, device="cpu", compile="off"),
+        run=RunConfig(out_dir=str(out_dir), log_every=1, checkpoint_every=10, progress=False),
+        eval=EvalConfig(every=10, sequences=32),
+    )
