@@ -231,11 +231,11 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
     )
 
 
-def _masking_generator(device: torch.device, seed: int, step: int, chunk: int) -> torch.Generator:
-    """Masks depend only on (seed, step, chunk of the global batch): a resumed run masks exactly as an
-    unbroken one, and with equal micro-batches any number of ranks masks the same sequences alike."""
+def _masking_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
+    """Masks depend only on (seed, step, rank), never on the micro-batch size or on how far a run got
+    before it was resumed: a resumed run masks exactly as an unbroken one."""
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step) * 1_000_033 + chunk)
+    gen.manual_seed((seed * 1_000_003 + step) * 1_000_033 + rank)
     return gen
 
 
@@ -246,17 +246,18 @@ def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch = torch.from_numpy(s.train.batch(ids))  # (accum × micro_batch, T)
     if s.device.type == "cuda":
         batch = batch.pin_memory().to(s.device, non_blocking=True)
-    micro_batches = batch.split(cfg.system.micro_batch)
+    # Mask the rank's whole batch at once, then split: masks do not depend on the micro-batch size.
+    gen = _masking_generator(s.device, cfg.train.seed, step, s.info.rank)
+    masked, positions, labels = mask_tokens(batch, s.masking, gen)  # (N, T), (N, K), (N, K)
+    micro_batches = list(zip(*(t.split(cfg.system.micro_batch) for t in (masked, positions, labels))))
     loss_sum = torch.zeros((), device=s.device)
-    for micro, input_ids in enumerate(micro_batches):
-        gen = _masking_generator(s.device, cfg.train.seed, step, s.info.rank * s.accum + micro)
-        masked, positions, labels = mask_tokens(input_ids, s.masking, gen)  # (B, T), (B, K), (B, K)
+    for micro, (input_ids, micro_positions, micro_labels) in enumerate(micro_batches):
         last = micro == len(micro_batches) - 1
         # DDP: all-reduce gradients only once, after the last micro-batch.
         sync = contextlib.nullcontext() if last or not s.info.distributed else s.loss_model.no_sync()
         with sync:
             with _autocast(s):
-                loss = s.loss_model(masked, positions, labels) / s.accum
+                loss = s.loss_model(input_ids, micro_positions, micro_labels) / s.accum
             loss.backward()
         loss_sum += loss.detach()
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
@@ -282,9 +283,9 @@ def evaluate(s: Setup) -> float | None:
     ids = torch.linspace(0, s.validation.count - 1, count).long().numpy()
     s.hf_model.eval()
     total, n = torch.zeros((), device=s.device), 0
+    gen = _masking_generator(s.device, s.cfg.train.seed, step=-1, rank=0)  # the same masks at every evaluation
     for start in range(0, count, s.cfg.system.micro_batch):
         input_ids = torch.from_numpy(s.validation.batch(ids[start : start + s.cfg.system.micro_batch])).to(s.device)
-        gen = _masking_generator(s.device, s.cfg.train.seed, -1, start)
         masked, positions, labels = mask_tokens(input_ids, s.masking, gen)
         with _autocast(s):
             total += MaskedLMLoss(s.hf_model)(masked, positions, labels) * len(input_ids)

@@ -1,0 +1,136 @@
+import json
+
+import numpy as np
+import pytest
+
+from mlm.data.corpus import ReadStats, demo_documents, iter_documents
+from mlm.data.prepare import PrepareConfig, is_validation, prepare, read_manifest, token_dtype
+from mlm.data.stream import Sampler, TokenStream, Windows, permute
+from mlm.errors import UserError
+from mlm.tokenizer import load_tokenizer
+
+from conftest import make_documents
+
+QUIET = {"log": lambda _: None}
+
+
+def expected_streams(docs, tokenizer, val_fraction):
+    streams = {"train": [], "validation": []}
+    for i, doc in enumerate(docs):
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+        streams["validation" if is_validation(i, val_fraction) else "train"].extend(ids)
+    return streams
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shards_hold_exactly_the_token_stream(tmp_path, tokenizer_dirs, workers):
+    docs = make_documents(300, seed=1)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(docs))
+    out = tmp_path / "data"
+    cfg = PrepareConfig([str(corpus)], str(tokenizer_dirs["roberta"]), str(out), 0.1, workers, shard_tokens=997, docs_per_task=7)
+    manifest = prepare(cfg, **QUIET)
+    tokenizer = load_tokenizer(tokenizer_dirs["roberta"])
+    expected = expected_streams(docs, tokenizer, 0.1)
+    for split in ("train", "validation"):
+        stream = TokenStream(out, split)
+        assert len(manifest["splits"][split]["shards"]) == -(-len(expected[split]) // 997)  # shards of 997 tokens
+        assert stream.read(0, len(stream)).tolist() == expected[split]
+    assert manifest["splits"]["validation"]["documents"] == 30
+    assert manifest["dtype"] == "uint16"
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_windows_cover_the_stream_without_gaps_or_overlaps(data_dirs):
+    tokenizer = load_tokenizer(data_dirs["bert"] / "tokenizer")
+    stream = TokenStream(data_dirs["bert"], "train")
+    windows = Windows(stream, 50, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    assert windows.count == len(stream) // 48
+    batch = windows.batch(np.arange(windows.count))
+    assert (batch[:, 0] == tokenizer.cls_token_id).all() and (batch[:, -1] == tokenizer.sep_token_id).all()
+    assert batch[:, 1:-1].reshape(-1).tolist() == stream.read(0, windows.count * 48).tolist()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64, 1000, 1023, 1025, 4097])
+def test_permute_is_a_bijection(n):
+    out = permute(np.arange(n), n, seed=3)
+    assert sorted(out.tolist()) == list(range(n))
+    if n >= 64:
+        assert out.tolist() != list(range(n))  # actually shuffled
+        assert out.tolist() != permute(np.arange(n), n, seed=4).tolist()
+
+
+def test_sampler_epochs_ranks_and_resume():
+    sampler = Sampler(num_windows=100, global_batch=20, seed=0)
+    first_epoch = np.concatenate([sampler.global_batch_ids(s) for s in range(5)])
+    assert sorted(first_epoch.tolist()) == list(range(100))  # each window once per epoch
+    second_epoch = np.concatenate([sampler.global_batch_ids(s) for s in range(5, 10)])
+    assert sorted(second_epoch.tolist()) == list(range(100)) and second_epoch.tolist() != first_epoch.tolist()
+    for world in (1, 2, 4):
+        parts = [sampler.rank_batch_ids(7, r, world) for r in range(world)]
+        assert np.concatenate(parts).tolist() == sampler.global_batch_ids(7).tolist()
+    # O(1) resume: a new sampler asked for step 7 gives the same batch, no replay.
+    assert Sampler(100, 20, 0).global_batch_ids(7).tolist() == sampler.global_batch_ids(7).tolist()
+    # A batch that straddles an epoch boundary still has 20 distinct-per-epoch ids.
+    assert len(Sampler(30, 20, 0).global_batch_ids(1)) == 20
+
+
+def test_token_dtype():
+    assert token_dtype(50_265) == np.uint16
+    assert token_dtype(65_536) == np.uint16
+    assert token_dtype(65_537) == np.uint32
+
+
+def test_readers_jsonl_parquet_and_bad_utf8(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc", "id": 2}\n')
+    pq.write_table(pa.table({"text": ["third doc", "", "fourth doc"]}), tmp_path / "b.parquet")
+    (tmp_path / "c.txt").write_bytes(b"fifth \xff doc\n\nsixth doc\n")
+    stats = ReadStats()
+    docs = list(iter_documents([str(tmp_path)], stats))
+    assert docs == ["first doc", "second doc", "third doc", "fourth doc", "fifth \ufffd doc", "sixth doc"]
+    assert stats.bad_utf8 == 1 and stats.files == 3
+
+
+def test_bad_utf8_is_replaced_counted_and_reported(tmp_path, tokenizer_dirs):
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"good text here\nbad \xff\xfe bytes \xc3 here\n" + "\n".join(make_documents(50)).encode())
+    messages = []
+    manifest = prepare(PrepareConfig([str(corpus)], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1), log=messages.append)
+    assert manifest["bad_utf8"] == 3
+    assert any("replaced 3 invalid UTF-8" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "does not exist"), ("\n\n   \n", "empty")],
+)
+def test_missing_or_empty_corpus(tmp_path, tokenizer_dirs, content, message):
+    corpus = tmp_path / "c.txt"
+    if content is not None:
+        corpus.write_text(content)
+    out = tmp_path / "data"
+    with pytest.raises(UserError, match=message):
+        prepare(PrepareConfig([str(corpus)], str(tokenizer_dirs["bert"]), str(out), workers=1), **QUIET)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["c.txt"] if content is not None else [])
+
+
+def test_prepare_refuses_to_overwrite(tmp_path, corpus_file, tokenizer_dirs, data_dirs):
+    with pytest.raises(UserError, match="already exists"):
+        prepare(PrepareConfig([str(corpus_file)], str(tokenizer_dirs["bert"]), str(data_dirs["bert"]), workers=1), **QUIET)
+    read_manifest(data_dirs["bert"])  # untouched
+
+
+def test_bad_jsonl_names_the_line(tmp_path, tokenizer_dirs):
+    (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    with pytest.raises(UserError, match=r"a.jsonl:2: no 'text' field"):
+        prepare(PrepareConfig([str(tmp_path / "a.jsonl")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1), **QUIET)
+
+
+def test_demo_corpus_is_read_from_the_installed_package():
+    docs = demo_documents()
+    assert len(docs) == 2225
+    assert sorted({topic for _, topic in docs}) == ["business", "entertainment", "politics", "sports", "tech"]

@@ -1,0 +1,44 @@
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+from mlm.model.build import PRESETS, MaskedLMLoss, build_model, hf_config
+from mlm.tokenizer import load_tokenizer
+
+
+@pytest.mark.parametrize("size", list(PRESETS))
+def test_presets(tokenizer_dirs, size):
+    cfg = hf_config("bert", size, load_tokenizer(tokenizer_dirs["bert"]))
+    layers, hidden = PRESETS[size]
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (layers, hidden, 4 * hidden)
+    assert cfg.num_attention_heads == max(2, hidden // 64)
+
+
+def test_exported_checkpoint_gives_the_same_logits_in_plain_transformers(tokenizer_dirs, family, tmp_path):
+    tokenizer = load_tokenizer(tokenizer_dirs[family])
+    model = build_model(hf_config(family, "tiny", tokenizer, max_positions=64), seed=0)
+    # Move the weights away from their initial values so the comparison is not of a fresh init.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    ids = tokenizer(["The cat sees a red ball. The team builds the new house."], return_tensors="pt")["input_ids"]
+    positions = torch.tensor([[1, 3, 5]])
+    model.eval()
+    ours = MaskedLMLoss(model)
+    ours_logits = ours.head(ours.encoder(input_ids=ids).last_hidden_state.gather(1, positions[..., None].expand(-1, -1, 128)))
+
+    loaded = AutoModelForMaskedLM.from_pretrained(str(tmp_path)).eval()
+    theirs = loaded(input_ids=ids).logits[:, positions[0]]
+    torch.testing.assert_close(ours_logits, theirs, rtol=1e-5, atol=1e-5)
+    labels = ids.gather(1, positions)
+    loss = torch.nn.functional.cross_entropy(theirs.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(ours(ids, positions, labels), loss, rtol=1e-5, atol=1e-5)
+
+    # The other entry points a user reaches for load it too, with no mlm code involved.
+    classifier = AutoModelForSequenceClassification.from_pretrained(str(tmp_path), num_labels=3)
+    assert classifier(input_ids=ids).logits.shape == (1, 3)
+    fill = pipeline("fill-mask", model=str(tmp_path), device="cpu")
+    assert len(fill(f"The cat sees a {tokenizer.mask_token} ball.", top_k=3)) == 3
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path))) == len(tokenizer)

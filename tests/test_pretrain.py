@@ -1,0 +1,148 @@
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+from mlm.config import load_config
+from mlm.errors import UserError
+from mlm.train.metrics import read_metrics
+from mlm.train.pretrain import pretrain
+
+from conftest import tiny_config
+
+QUIET = {"log": lambda _: None}
+
+
+def losses(run_dir):
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+
+
+def test_tiny_run_loss_falls_and_writes_hf_checkpoints(data_dirs, family, tmp_path):
+    cfg = tiny_config(data_dirs[family], tmp_path / "run", family, steps=40)
+    summary = pretrain(cfg, **QUIET)
+    train = losses(tmp_path / "run")
+    assert sorted(train) == list(range(1, 41))
+    assert sum(list(train.values())[-5:]) / 5 < sum(list(train.values())[:5]) / 5 - 1.0
+    val = [m["val_loss"] for m in read_metrics(tmp_path / "run") if "val_loss" in m]
+    assert len(val) == 5 and val[-1] < val[0] - 1.0  # step 0, 10, 20, 30, 40
+    assert summary["val_loss"] == val[-1]
+    assert [p.name for p in sorted((tmp_path / "run").glob("checkpoint-*"))] == [
+        "checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40"
+    ]
+    model = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "run" / "checkpoint-40"))
+    assert model.config.model_type == family
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+    assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_resume_gives_identical_losses(data_dirs, tmp_path):
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "a", steps=20)
+    pretrain(cfg, **QUIET)
+    # A run stopped right after its step-10 checkpoint: same folder as the unbroken run had then.
+    stopped = tmp_path / "b"
+    stopped.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-10", stopped / "checkpoint-10")
+    shutil.copy(tmp_path / "a" / "config.json", stopped / "config.json")
+    (stopped / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[:15])
+    )
+    cfg_b = tiny_config(data_dirs["roberta"], stopped, steps=20)
+    pretrain(cfg_b, resume="latest", **QUIET)
+    a, b = losses(tmp_path / "a"), losses(stopped)
+    assert sorted(b) == list(range(1, 21))  # no repeated or missing records
+    assert [a[s] for s in range(11, 21)] == [b[s] for s in range(11, 21)]
+    final_a = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "a" / "checkpoint-20")).state_dict()
+    final_b = AutoModelForMaskedLM.from_pretrained(str(stopped / "checkpoint-20")).state_dict()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dirs, tmp_path):
+    """micro_batch only changes speed: 1×16 and 2×8 (and 4×4) give the same losses."""
+    runs = {}
+    for micro in (16, 8, 4):
+        cfg = tiny_config(data_dirs["bert"], tmp_path / f"m{micro}", "bert", steps=5)
+        cfg.system.micro_batch = micro
+        cfg.model.dropout = 0.0
+        pretrain(cfg, **QUIET)
+        runs[micro] = losses(tmp_path / f"m{micro}")
+    for micro in (8, 4):  # same data, same masks; only the order of float sums differs
+        assert runs[micro] == pytest.approx(runs[16], abs=1e-4)
+
+
+# ---- bad input: one clear error, nothing half-written ---------------------------------------------
+
+
+def test_unknown_key_and_bad_value_are_named(tmp_path):
+    with pytest.raises(UserError, match="unknown config key 'train.learning_rate'"):
+        load_config(None, ["--train.learning_rate=1e-3"])
+    with pytest.raises(UserError, match="train.steps: expected int, got 'many'"):
+        load_config(None, ["--train.steps=many"])
+    with pytest.raises(UserError, match="model.size: unknown size .huge."):
+        load_config(None, ["--model.size=huge"])
+    with pytest.raises(UserError, match="model.family: unknown family .gpt."):
+        load_config(None, ["--model.family=gpt"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 10\nwarmup = 3\n")
+    with pytest.raises(UserError, match="unknown config key 'train.warmup'"):
+        load_config(bad)
+
+
+def test_the_shipped_recipes_load():
+    for name in ("tiny", "roberta-medium", "bert-medium"):
+        cfg = load_config(f"configs/{name}.toml")
+        assert cfg.train.global_batch % cfg.system.micro_batch == 0
+    medium = load_config("configs/roberta-medium.toml")
+    assert (medium.train.steps, medium.train.global_batch, medium.data.seq_len, medium.train.lr) == (30000, 8192, 512, 1e-3)
+    assert (medium.train.betas, medium.train.eps, medium.train.weight_decay, medium.train.warmup_steps) == ([0.9, 0.98], 1e-6, 0.01, 1800)
+    assert load_config("configs/bert-medium.toml").model.family == "bert"
+
+
+def test_data_prepared_with_another_tokenizer(data_dirs, tokenizer_dirs, tmp_path):
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run")
+    cfg.data.tokenizer = str(tokenizer_dirs["bert"])
+    cfg.model.family = "bert"
+    with pytest.raises(UserError, match="prepared with tokenizer"):
+        pretrain(cfg, **QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+def test_family_must_match_the_tokenizer(data_dirs, tmp_path):
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", family="bert")
+    with pytest.raises(UserError, match="model.family=bert but the tokenizer uses roberta"):
+        pretrain(cfg, **QUIET)
+
+
+def test_corpus_too_small_for_one_sequence(tmp_path, tokenizer_dirs):
+    from mlm.data.prepare import PrepareConfig, prepare
+
+    (tmp_path / "c.txt").write_text("The cat sees a red ball.\n")
+    prepare(PrepareConfig([str(tmp_path / "c.txt")], str(tokenizer_dirs["roberta"]), str(tmp_path / "d"), workers=1), **QUIET)
+    with pytest.raises(UserError, match="corpus is too small"):
+        pretrain(tiny_config(tmp_path / "d", tmp_path / "run"), **QUIET)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_checkpoint(data_dirs, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run"), resume=str(tmp_path / "empty"), **QUIET)
+
+
+def test_out_dir_holding_a_different_run(data_dirs, tmp_path):
+    pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10), **QUIET)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    other = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10)
+    other.train.lr = 1e-4
+    with pytest.raises(UserError, match=r"already holds a different run \(differs in train.lr\)"):
+        pretrain(other, **QUIET)
+    with pytest.raises(UserError, match="pass --resume"):
+        pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10), **QUIET)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+
+
+def test_batch_arithmetic_must_divide(data_dirs, tmp_path):
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run")
+    cfg.system.micro_batch = 5
+    with pytest.raises(UserError, match="not a multiple of system.micro_batch=5"):
+        pretrain(cfg, **QUIET)

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from mlm.errors import UserError
+from mlm.tokenizer import build_tokenizer, load_tokenizer, tokenizer_family, tokenizer_fingerprint, train_tokenizer
+
+from conftest import make_documents
+
+SPECIALS = {
+    "roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+    "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+}
+
+
+def test_saved_tokenizer_reloads_with_full_vocabulary(tokenizer_dirs, family):
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs[family]))
+    assert len(tok) > 100  # not the 5-token vocabulary a bare vocab_file gives with transformers 5
+    assert tok.convert_ids_to_tokens(list(range(5))) == SPECIALS[family]
+    assert tokenizer_family(tok) == family
+
+
+def test_round_trip(tokenizer_dirs, family):
+    tok = load_tokenizer(tokenizer_dirs[family])
+    text = "The old farmer sees a red ball. My sister reads the long letter."
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    decoded = tok.decode(ids, skip_special_tokens=True)
+    assert decoded == (text if family == "roberta" else text.lower())
+    assert tok.unk_token_id not in ids
+
+
+def test_roberta_mask_swallows_preceding_space(tokenizer_dirs):
+    tok = load_tokenizer(tokenizer_dirs["roberta"])
+    tokens = tok.convert_ids_to_tokens(tok("the cat <mask> the river")["input_ids"])
+    assert tokens[tokens.index("<mask>") - 1] != "Ġ"
+
+
+def test_fingerprint_is_stable_across_save_and_load(tokenizer_dirs, tmp_path):
+    a = load_tokenizer(tokenizer_dirs["roberta"])
+    b = load_tokenizer(tokenizer_dirs["bert"])
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+    copy = build_tokenizer(tmp_path / "copy", from_name=str(tokenizer_dirs["roberta"]), log=lambda _: None)
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "copy")) == tokenizer_fingerprint(a) == tokenizer_fingerprint(copy)
+
+
+def test_build_from_corpus_file(corpus_file, tmp_path):
+    tok = build_tokenizer(tmp_path / "tok", [str(corpus_file)], "bert", 300, log=lambda _: None)
+    assert 50 < len(tok) <= 300
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+
+
+def test_empty_corpus_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="empty"):
+        train_tokenizer([], "roberta", 1000, tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_unknown_family_and_missing_tokenizer(tmp_path):
+    with pytest.raises(UserError, match="unknown model family"):
+        train_tokenizer(make_documents(10), "gpt", 1000, tmp_path / "tok")
+    with pytest.raises(UserError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+    assert not Path(tmp_path / "tok").exists()
