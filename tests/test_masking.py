@@ -61,3 +61,12 @@ def test_special_tokens_inside_the_sequence_are_never_masked():
     spec = MaskingSpec(0.5, MASK, VOCAB, SPECIALS)
     _, positions, labels = mask_tokens(ids, spec, torch.Generator().manual_seed(0))
     assert not (positions == 10).any()
+
+
+def test_a_slice_of_the_global_batch_is_masked_as_in_the_whole():
+    ids = batch(16, 40)
+    spec = MaskingSpec(0.15, MASK, VOCAB, SPECIALS)
+    whole = mask_tokens(ids, spec, torch.Generator().manual_seed(3))
+    for rank in range(4):
+        part = mask_tokens(ids[rank * 4 : (rank + 1) * 4], spec, torch.Generator().manual_seed(3), rank * 4, 16)
+        assert all(torch.equal(w[rank * 4 : (rank + 1) * 4], p) for w, p in zip(whole, part))

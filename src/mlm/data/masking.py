@@ -38,18 +38,29 @@ def masked_count(seq_len: int, rate: float) -> int:
 
 
 def mask_tokens(
-    input_ids: torch.Tensor, spec: MaskingSpec, generator: torch.Generator
+    input_ids: torch.Tensor,
+    spec: MaskingSpec,
+    generator: torch.Generator,
+    row_offset: int = 0,
+    total_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T) ids → (masked ids (B, T), positions (B, K), labels (B, K) with IGNORE_INDEX where not predicted).
 
+    The random draws are made for `total_rows` rows and rows [row_offset, row_offset + B) are kept, so a
+    rank holding one slice of a global batch masks it exactly as one process holding the whole batch would.
     Everything runs on input_ids' device with no host synchronisation.
     """
     B, T = input_ids.shape
     device = input_ids.device
+    total_rows = total_rows or B
+
+    def ours(draw: torch.Tensor) -> torch.Tensor:
+        return draw[row_offset : row_offset + B]
+
     special = torch.zeros_like(input_ids, dtype=torch.bool)
     for token_id in spec.special_ids:
         special |= input_ids == token_id
-    scores = torch.rand((B, T), generator=generator, device=device)  # (B, T)
+    scores = ours(torch.rand((total_rows, T), generator=generator, device=device))  # (B, T)
     if spec.per_token:
         positions = torch.arange(T, device=device).expand(B, T)
         chosen = (scores < spec.rate) & ~special  # (B, T)
@@ -62,10 +73,11 @@ def mask_tokens(
     labels = torch.where(chosen, originals, IGNORE_INDEX)
 
     # 80% mask, 10% random token, 10% unchanged, decided per chosen position.
-    action = torch.rand(positions.shape, generator=generator, device=device)
+    drawn_shape = (total_rows, positions.shape[1])
+    action = ours(torch.rand(drawn_shape, generator=generator, device=device))  # (B, K)
     use_mask = chosen & (action < spec.mask_fraction)
     use_random = chosen & (action >= spec.mask_fraction) & (action < spec.mask_fraction + spec.random_fraction)
-    random_ids = _random_non_special(positions.shape, spec, generator, device)
+    random_ids = ours(_random_non_special(drawn_shape, spec, generator, device))  # (B, K)
     replacement = torch.where(use_mask, spec.mask_token_id, torch.where(use_random, random_ids, originals))
     masked = input_ids.scatter(1, positions, replacement)
     return masked, positions, labels

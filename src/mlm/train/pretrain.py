@@ -231,11 +231,11 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
     )
 
 
-def _masking_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
-    """Masks depend only on (seed, step, rank), never on the micro-batch size or on how far a run got
-    before it was resumed: a resumed run masks exactly as an unbroken one."""
+def _masking_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
+    """Masks depend only on (seed, step): not on the micro-batch size, the number of ranks, or where a
+    run was resumed, so a resumed run masks exactly as an unbroken one."""
     gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + step) * 1_000_033 + rank)
+    gen.manual_seed(seed * 1_000_003 + step)
     return gen
 
 
@@ -246,9 +246,12 @@ def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch = torch.from_numpy(s.train.batch(ids))  # (accum × micro_batch, T)
     if s.device.type == "cuda":
         batch = batch.pin_memory().to(s.device, non_blocking=True)
-    # Mask the rank's whole batch at once, then split: masks do not depend on the micro-batch size.
-    gen = _masking_generator(s.device, cfg.train.seed, step, s.info.rank)
-    masked, positions, labels = mask_tokens(batch, s.masking, gen)  # (N, T), (N, K), (N, K)
+    # Draw masks for the global batch and keep this rank's rows, then split into micro-batches:
+    # every sequence is masked alike whatever the micro-batch size or number of ranks.
+    gen = _masking_generator(s.device, cfg.train.seed, step)
+    masked, positions, labels = mask_tokens(
+        batch, s.masking, gen, row_offset=s.info.rank * len(batch), total_rows=cfg.train.global_batch
+    )  # (N, T), (N, K), (N, K)
     micro_batches = list(zip(*(t.split(cfg.system.micro_batch) for t in (masked, positions, labels))))
     loss_sum = torch.zeros((), device=s.device)
     for micro, (input_ids, micro_positions, micro_labels) in enumerate(micro_batches):
@@ -283,7 +286,7 @@ def evaluate(s: Setup) -> float | None:
     ids = torch.linspace(0, s.validation.count - 1, count).long().numpy()
     s.hf_model.eval()
     total, n = torch.zeros((), device=s.device), 0
-    gen = _masking_generator(s.device, s.cfg.train.seed, step=-1, rank=0)  # the same masks at every evaluation
+    gen = _masking_generator(s.device, s.cfg.train.seed, step=-1)  # the same masks at every evaluation
     for start in range(0, count, s.cfg.system.micro_batch):
         input_ids = torch.from_numpy(s.validation.batch(ids[start : start + s.cfg.system.micro_batch])).to(s.device)
         masked, positions, labels = mask_tokens(input_ids, s.masking, gen)

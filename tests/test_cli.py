@@ -1,0 +1,57 @@
+"""The command line as a user meets it: bad input gives one line on stderr and exit status 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def mlm(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mlm", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_end_to_end_through_the_cli(tmp_path, corpus_file):
+    tok, data, run = tmp_path / "tok", tmp_path / "data", tmp_path / "run"
+    r = mlm("tokenizer", "--corpus", str(corpus_file), "--family", "bert", "--vocab-size", "400", "--out", str(tok))
+    assert r.returncode == 0, r.stderr
+    r = mlm("prepare", "--corpus", str(corpus_file), "--tokenizer", str(tok), "--out", str(data), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    overrides = [
+        f"--data.data_dir={data}", "--model.family=bert", "--model.size=tiny", "--model.max_positions=64",
+        "--data.seq_len=32", "--train.steps=4", "--train.global_batch=8", "--train.warmup_steps=1",
+        "--system.micro_batch=4", "--system.device=cpu", f"--run.out_dir={run}", "--run.checkpoint_every=2",
+        "--eval.every=2", "--run.progress=false",
+    ]
+    r = mlm("pretrain", *overrides)
+    assert r.returncode == 0, r.stderr
+    assert "micro_batch 4 × accumulation 2 × ranks 1 = global batch 8" in r.stdout
+    assert "parameters" in r.stdout
+    assert (run / "checkpoint-4" / "model.safetensors").is_file()
+    r = mlm("pretrain", *[o.replace("--train.steps=4", "--train.steps=6") for o in overrides])
+    assert_one_line_error(r, "already holds a different run (differs in train.steps)")
+    r = mlm("pretrain", *overrides, "--resume")  # already finished: resumes at step 4 of 4, does nothing
+    assert r.returncode == 0 and "resuming from" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["prepare", "--corpus", "/no/such/file.txt", "--tokenizer", "x", "--out", "d"], "does not exist"),
+        (["tokenizer", "--corpus", "demo", "--family", "gpt", "--out", "t"], "unknown model family 'gpt'"),
+        (["pretrain", "--train.lr=fast"], "train.lr: expected float, got 'fast'"),
+        (["pretrain", "--trian.lr=1"], "unknown config key 'trian'"),
+        (["pretrain", "missing.toml"], "config file missing.toml does not exist"),
+        (["pretrain", "--data.data_dir=nowhere"], "nowhere"),
+        (["pretrain", "--resume=nowhere"], "holds no checkpoint"),
+    ],
+)
+def test_bad_input_one_line(tmp_path, args, fragment):
+    assert_one_line_error(mlm(*args, cwd=tmp_path), fragment)
+    assert not any(p.name not in ("missing.toml",) for p in tmp_path.iterdir())  # nothing written
