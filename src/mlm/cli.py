@@ -68,7 +68,8 @@ def _add_pretrain(subparsers) -> None:
     p.add_argument("config", nargs="?", help="TOML recipe (e.g. configs/roberta-medium.toml); defaults if omitted")
     p.add_argument(
         "--resume", nargs="?", const="latest", default=None,
-        help="continue from the newest checkpoint of run.out_dir, or from the given checkpoint / run folder",
+        help="continue from the newest checkpoint of run.out_dir, or from the given checkpoint / run folder; "
+        "--resume=auto starts afresh when there is no checkpoint yet (for requeued jobs)",
     )
     p.set_defaults(func=_run_pretrain)
 

@@ -122,7 +122,10 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     if cfg.system.threads:
         torch.set_num_threads(cfg.system.threads)
     run_dir = Path(cfg.run.out_dir)
-    checkpoint = find_checkpoint(resume if resume != "latest" else run_dir) if resume else None
+    if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
+        checkpoint = checkpoint_dirs(run_dir)[-1] if checkpoint_dirs(run_dir) else None
+    else:
+        checkpoint = find_checkpoint(run_dir if resume == "latest" else resume) if resume else None
     check_run_dir(run_dir, cfg, resuming=checkpoint is not None)
 
     tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.data_dir) / TOKENIZER_SUBDIR)
