@@ -88,3 +88,11 @@ def test_bad_inputs_are_clear_errors(bert_checkpoint, tmp_path):
         finetune_and_evaluate(bert_checkpoint, task, [{"text": "a", "label": 0}], [{"text": "b", "label": 1}], progress=False)
     with pytest.raises(UserError, match="warmup_ratio"):
         FinetuneConfig(warmup_ratio=1.5)
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_learns(bert_checkpoint):
+    task = custom_task("keywords", ["sentence"], 2)
+    cfg = FinetuneConfig(**FAST, device="cuda", dtype="auto")
+    scores = finetune_and_evaluate(bert_checkpoint, task, keyword_examples(400, 1), keyword_examples(200, 2), cfg, progress=False)
+    assert scores["accuracy"] > 0.9, scores

@@ -146,3 +146,24 @@ def test_batch_arithmetic_must_divide(data_dirs, tmp_path):
     cfg.system.micro_batch = 5
     with pytest.raises(UserError, match="not a multiple of system.micro_batch=5"):
         pretrain(cfg, **QUIET)
+
+
+def test_resume_auto_starts_or_continues(data_dirs, tmp_path):
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10)
+    pretrain(cfg, resume="auto", **QUIET)  # nothing to resume: starts
+    assert (tmp_path / "run" / "checkpoint-10").is_dir()
+    again = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10)
+    pretrain(again, resume="auto", **QUIET)  # finished run: resumes at its last step and stops
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 11))
+
+
+def test_wandb_requested_but_missing(data_dirs, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run")
+    cfg.run.wandb = True
+    with pytest.raises(UserError, match="wandb package is not installed"):
+        pretrain(cfg, **QUIET)
+    assert not (tmp_path / "run").exists()

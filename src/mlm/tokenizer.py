@@ -123,11 +123,12 @@ def load_tokenizer(name_or_dir: str | Path):
     name = str(name_or_dir)
     if not name:
         raise UserError("no tokenizer given")
-    looks_local = os.path.sep in name or name.startswith(".") or Path(name).exists()
-    if looks_local and not Path(name).is_dir():
+    # "org/name" may be a hub name; a path that starts like a path is always local.
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().is_dir():
         raise UserError(f"tokenizer directory {name} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
     except (OSError, ValueError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load tokenizer {name!r}: {first_line}") from None

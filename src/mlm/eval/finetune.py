@@ -294,7 +294,8 @@ def train_model(
     total = steps_per_epoch * cfg.epochs
     warmup = round(total * cfg.warmup_ratio)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+        fused=device.type == "cuda",  # one kernel for all parameters on GPU
     )
     # Linear warm-up to the peak, then linear decay to 0 at the last step.
     schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlm.errors import UserError
 
 
 class MetricsLogger:
@@ -18,10 +17,7 @@ class MetricsLogger:
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self.wandb = None
         if use_wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)") from None
+            import wandb  # its presence is checked before the run starts
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config, name=run_dir.name)
 
     def log(self, step: int, **scalars: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import subprocess
@@ -121,6 +122,8 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     device = resolve_device(cfg.system.device, info)
     if cfg.system.threads:
         torch.set_num_threads(cfg.system.threads)
+    if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)")
     run_dir = Path(cfg.run.out_dir)
     if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
         checkpoint = checkpoint_dirs(run_dir)[-1] if checkpoint_dirs(run_dir) else None
