@@ -167,3 +167,16 @@ def test_wandb_requested_but_missing(data_dirs, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="wandb package is not installed"):
         pretrain(cfg, **QUIET)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(data_dirs, tmp_path):
+    runs = {}
+    for mode in ("off", "on"):
+        cfg = tiny_config(data_dirs["roberta"], tmp_path / mode, steps=4)
+        cfg.system.compile, cfg.model.dropout = mode, 0.0
+        pretrain(cfg, **QUIET)
+        runs[mode] = losses(tmp_path / mode)
+    assert runs["on"] == pytest.approx(runs["off"], abs=1e-3)
+    # Saved from the unwrapped model: no `_orig_mod.` prefixes.
+    assert not any("_orig_mod" in k for k in AutoModelForMaskedLM.from_pretrained(str(tmp_path / "on" / "checkpoint-4")).state_dict())
