@@ -114,3 +114,21 @@ def test_cli_missing_glue_file_and_missing_step(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["glue", "--run", str(workspace / "run"), "--steps", "999", "--glue-dir", str(workspace / "GLUE")])
     assert "no checkpoint-999" in capsys.readouterr().err
+
+
+def test_task_of_your_own_runs_through_the_same_code(workspace, tmp_path):
+    from glue_fixtures import keyword_examples
+
+    lines = ["text,topic"] + [f"{ex['sentence']},{'neg' if ex['label'] else 'pos'}" for ex in keyword_examples(40)]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps({"text": ex["sentence"], "topic": ex["label"]}) + "\n"
+                                                for ex in keyword_examples(12, seed=9)))
+    (tmp_path / "task.toml").write_text('name = "topics"\ntext_fields = ["text"]\nlabel_field = "topic"\n'
+                                        'label_names = ["pos", "neg"]\nmetrics = ["macro_f1", "accuracy"]\n'
+                                        'train = "train.csv"\nvalidation = "dev.jsonl"\n')
+    out = tmp_path / "out"
+    main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--task-file", str(tmp_path / "task.toml"),
+          "--out", str(out), *QUICK])
+    assert json.loads((out / "topics.json").read_text())["train_examples"] == 40
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert list(rows[0]) == ["Model", "Step", "topics-macro_f1"]  # no reference column, so no average

@@ -148,55 +148,63 @@ def _tokenizer_fingerprint(tokenizer, model_path: str) -> str:
 # ---- one model --------------------------------------------------------------------------------
 
 
+def prepare_task(model_path: str, task: TaskSpec, cfg: FinetuneConfig, glue_dir: str | None, cache: dict):
+    """(model config, tokenized train split, {eval split: tokenized}). Raw data is read once per task and
+    tokenized once per (tokenizer, task, length): seeds and the checkpoints of a run share it through `cache`."""
+    tokenizer = load_tokenizer(model_path)
+    config = load_config(model_path, task)
+    max_length = usable_max_length(config, tokenizer, cfg.max_length)
+    if max_length < cfg.max_length:
+        print(f"{task.name}: max_length {cfg.max_length} capped to {max_length} (the model's limit)")
+    data_key = ("data", task.name, glue_dir, tuple(sorted(task.files.items())))
+    if data_key not in cache:
+        cache[data_key] = load_task_data(task, glue_dir)
+    data = cache[data_key]
+    token_types = uses_token_types(config)
+    enc_key = ("encoded", _tokenizer_fingerprint(tokenizer, model_path), data_key, max_length, token_types,
+               cfg.max_train_samples, cfg.max_eval_samples)
+    if enc_key not in cache:
+        t0 = time.time()
+        cache[enc_key] = (
+            encode(task, subsample(data["train"], cfg.max_train_samples), tokenizer, max_length, token_types),
+            {s: encode(task, subsample(data[s], cfg.max_eval_samples), tokenizer, max_length, token_types)
+             for s in task.eval_splits},
+        )
+        print(f"{task.name}: tokenized in {time.time() - t0:.1f}s")
+    train, evals = cache[enc_key]
+    return config, train, evals
+
+
 def evaluate_task(
     model_path: str, task: TaskSpec, cfg: FinetuneConfig, seeds: list[int], out_dir: Path,
     glue_dir: str | None = None, name: str | None = None, step: int | None = None,
     cache: dict | None = None, force: bool = False, progress: bool = True,
 ) -> dict:
-    """Fine-tune and score one task for each seed; writes (after every seed) and returns OUT/<task>.json."""
-    cache = {} if cache is None else cache
+    """Fine-tune and score one task for each seed not saved yet; writes OUT/<task>.json after every seed
+    (so an interrupted evaluation resumes) and returns its content, with the median over seeds."""
     path = out_dir / f"{task.name}.json"
     recipe = cfg.recipe()
     saved = {} if force else _load_saved(path, recipe)
     done = {r["seed"]: r for r in saved.get("per_seed", [])}
-    todo = [s for s in seeds if s not in done]
+    local = Path(model_path).is_dir()
     result = {
-        "model": name, "model_path": str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path,
-        "step": step, "task": task.name,
-        "seeds": seeds, "recipe": recipe, "data": glue_dir or ("files" if task.files else "hub"),
+        "model": name, "model_path": str(Path(model_path).resolve()) if local else model_path,
+        "step": step, "task": task.name, "seeds": seeds, "recipe": recipe,
+        "data": glue_dir or ("files" if task.files else "hub"),
         "train_examples": saved.get("train_examples"), "eval_examples": saved.get("eval_examples"),
         "per_seed": [done[s] for s in seeds if s in done], "complete": False,
     }
+    todo = [s for s in seeds if s not in done]
     if todo:
-        tokenizer = load_tokenizer(model_path)
-        config = load_config(model_path, task)
-        max_length = usable_max_length(config, tokenizer, cfg.max_length)
-        if max_length < cfg.max_length:
-            print(f"{task.name}: max_length {cfg.max_length} capped to {max_length} (model's limit)")
-        # Raw data once per task, tokenized data once per (tokenizer, task, length): shared by seeds and checkpoints.
-        data_key = ("data", task.name, glue_dir, tuple(sorted(task.files.items())))
-        if data_key not in cache:
-            cache[data_key] = load_task_data(task, glue_dir)
-        data = cache[data_key]
-        token_types = uses_token_types(config)
-        enc_key = ("encoded", _tokenizer_fingerprint(tokenizer, model_path), data_key, max_length, token_types,
-                   cfg.max_train_samples, cfg.max_eval_samples)
-        if enc_key not in cache:
-            t0 = time.time()
-            cache[enc_key] = (
-                encode(task, subsample(data["train"], cfg.max_train_samples), tokenizer, max_length, token_types),
-                {s: encode(task, subsample(data[s], cfg.max_eval_samples), tokenizer, max_length, token_types)
-                 for s in task.eval_splits},
-            )
-            print(f"{task.name}: tokenized in {time.time() - t0:.1f}s")
-        train, evals = cache[enc_key]
+        config, train, evals = prepare_task(model_path, task, cfg, glue_dir, {} if cache is None else cache)
         result["train_examples"] = len(train)
         result["eval_examples"] = {s: len(e) for s, e in evals.items()}
         for seed in todo:
             t0 = time.time()
             scores = finetune_encoded(model_path, task, config, train, evals, cfg, seed, progress=progress)
-            result["per_seed"].append({"seed": seed, "scores": scores, "seconds": round(time.time() - t0, 1)})
-            result["per_seed"].sort(key=lambda r: r["seed"])
+            result["per_seed"] = sorted([*result["per_seed"], {"seed": seed, "scores": scores,
+                                                               "seconds": round(time.time() - t0, 1)}],
+                                        key=lambda r: r["seed"])
             print(f"{name} step {step} | {task.name} seed {seed}: {_fmt(scores)} ({time.time() - t0:.0f}s)")
             write_atomic(path, json.dumps(result, indent=2))
     result["scores"] = median_scores(result["per_seed"])
@@ -261,13 +269,11 @@ def evaluate_model(
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     base = base or FinetuneConfig()
     overrides = overrides or {}
-    results = {}
     for task in tasks:
         cfg = task_config(task, base, overrides)
-        results[task.name] = evaluate_task(
-            model_path, task, cfg, seeds, out_dir, glue_dir, name, step, cache, force, progress
-        )
-    row = add_average([table_row(gather_task_results(out_dir))])[0]
+        evaluate_task(model_path, task, cfg, seeds, out_dir, glue_dir, name, step, cache, force, progress)
+    # The table shows every task scored in this folder, including those of earlier calls.
+    row = add_average([table_row(gather_task_results(out_dir), name, step)])[0]
     write_tables([row], out_dir)
     print(f"results in {out_dir}\n" + markdown_table([row]))
     return row
@@ -331,7 +337,7 @@ def _headers(rows: list[dict]) -> list[str]:
     reference = [c.header for c in TABLE_COLUMNS]
     main = [h for h in reference if has(h)]
     extra = [h for r in rows for h in r if h not in ("Model", "Step", "Avg", *reference) and has(h)]
-    return ["Model", "Step", *main, "Avg", *dict.fromkeys(extra)]
+    return ["Model", "Step", *main, *(["Avg"] if main else []), *dict.fromkeys(extra)]
 
 
 def markdown_table(rows: list[dict], with_reference: bool = True) -> str:
