@@ -132,3 +132,22 @@ def test_task_table_and_selection():
         assert col.split in task.eval_splits and col.metric in task.metrics
     with pytest.raises(UserError, match="unknown metric"):
         custom_task("x", ["text"], 2, metrics=["bleu"])
+
+
+def test_hub_dataset_rows_become_the_same_examples():
+    """The hub path (nyu-mll/glue through `datasets`) gives the same dicts as the TSV reader."""
+    import datasets
+
+    from mlm.eval.readers import hub_examples
+
+    mnli = datasets.DatasetDict({
+        split: datasets.Dataset.from_dict({"premise": ["p"], "hypothesis": ["h"], "label": [2], "idx": [0]})
+        for split in ("train", "validation_matched", "validation_mismatched")
+    })
+    data = hub_examples(GLUE_TASKS["mnli"], mnli, ["train", "validation_matched"])
+    assert data == {"train": [{"premise": "p", "hypothesis": "h", "label": 2}],
+                    "validation_matched": [{"premise": "p", "hypothesis": "h", "label": 2}]}
+    with pytest.raises(UserError, match="no split 'validation'"):
+        hub_examples(GLUE_TASKS["rte"], mnli, ["validation"])
+    with pytest.raises(UserError, match="lacks column"):
+        hub_examples(GLUE_TASKS["rte"], mnli, ["train"])

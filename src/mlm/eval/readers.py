@@ -107,10 +107,18 @@ def read_hub(task: TaskSpec, splits: list[str]) -> dict[str, list[dict]]:
             f"could not load {path}/{config} from the hub ({type(e).__name__}: {first}); "
             "for offline use pass --glue-dir with the original GLUE download"
         ) from None
+    return hub_examples(task, dataset, splits, f"{path}/{config}")
+
+
+def hub_examples(task: TaskSpec, dataset, splits: list[str], where: str = "dataset") -> dict[str, list[dict]]:
+    """A `datasets.DatasetDict` -> {split: [example, ...]} (hub labels are already ids in the table's order)."""
     out = {}
     for split in splits:
         if split not in dataset:
-            raise UserError(f"{path}/{config} has no split {split!r} (has {list(dataset)})")
+            raise UserError(f"{where} has no split {split!r} (has {list(dataset)})")
+        missing = [c for c in (*task.text_fields, "label") if c not in dataset[split].column_names]
+        if missing:
+            raise UserError(f"{where} split {split} lacks column(s) {missing}")
         columns = dataset[split].select_columns([*task.text_fields, "label"]).to_dict()
         out[split] = [
             {**{f: columns[f][i] for f in task.text_fields}, "label": columns["label"][i]}
