@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,22 +84,20 @@ class FinetuneConfig:
 # ---- loading ----------------------------------------------------------------------------------
 
 
+@contextmanager
 def _hf_quiet():
     """Silence transformers' notices (e.g. "classifier newly initialized", expected here) and bars for one call."""
     from transformers.utils import logging as hf_logging
 
-    class _Quiet:
-        def __enter__(self):
-            self.level, self.bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-            hf_logging.set_verbosity_error()
-            hf_logging.disable_progress_bar()  # "Loading weights" bars, once per seed
-
-        def __exit__(self, *exc):
-            hf_logging.set_verbosity(self.level)
-            if self.bars:
-                hf_logging.enable_progress_bar()
-
-    return _Quiet()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars, once per seed
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _check_model_path(model_path: str) -> None:
