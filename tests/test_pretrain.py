@@ -180,3 +180,24 @@ def test_compiled_model_trains_like_eager(data_dirs, tmp_path):
     assert runs["on"] == pytest.approx(runs["off"], abs=1e-3)
     # Saved from the unwrapped model: no `_orig_mod.` prefixes.
     assert not any("_orig_mod" in k for k in AutoModelForMaskedLM.from_pretrained(str(tmp_path / "on" / "checkpoint-4")).state_dict())
+
+
+@pytest.mark.slow
+def test_glue_every_scores_checkpoints_in_a_separate_process(data_dirs, tmp_path):
+    import json
+    import time
+
+    from glue_fixtures import write_glue_dir
+
+    glue_dir = write_glue_dir(tmp_path / "glue_data")
+    cfg = tiny_config(data_dirs["bert"], tmp_path / "run", "bert", steps=20)
+    cfg.eval.glue_every, cfg.eval.glue_tasks, cfg.eval.glue_dir = 2, "rte", str(glue_dir)
+    cfg.eval.glue_args = "--seeds 1 --epochs 1 --max-length 32"
+    pretrain(cfg, **QUIET)  # checkpoints at 10 and 20; the 2nd one is scored
+    result = tmp_path / "run" / "glue" / "checkpoint-20" / "rte.json"
+    deadline = time.time() + 300
+    while not result.is_file() and time.time() < deadline:
+        time.sleep(1)
+    assert result.is_file(), (tmp_path / "run" / "glue" / "checkpoint-20" / "glue.log").read_text()
+    assert "accuracy" in json.dumps(json.loads(result.read_text()))
+    assert not (tmp_path / "run" / "glue" / "checkpoint-10").exists()

@@ -163,6 +163,8 @@ class EvalConfig:
     """GLUE tasks for glue_every (comma-separated names or all)."""
     glue_dir: str = ""
     """Local GLUE directory for glue_every; empty = download through `datasets`."""
+    glue_args: str = ""
+    """More `mlm glue` flags for glue_every, e.g. "--max-length 128 --seeds 1"."""
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.sequences < 1 or self.glue_every < 0:

@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shlex
 import subprocess
 import sys
 import time
@@ -363,7 +364,8 @@ def _maybe_launch_glue(cfg: PretrainConfig, checkpoint: Path, step: int) -> None
         return
     out = checkpoint.parent / "glue" / checkpoint.name
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mlm", "glue", "--model", str(checkpoint), "--tasks", cfg.eval.glue_tasks, "--out", str(out)]
+    command = [sys.executable, "-m", "mlm", "glue", "--model", str(checkpoint), "--tasks", cfg.eval.glue_tasks]
+    command += ["--out", str(out), "--no-progress", *shlex.split(cfg.eval.glue_args)]
     if cfg.eval.glue_dir:
         command += ["--glue-dir", cfg.eval.glue_dir]
     with open(out / "glue.log", "w") as log_file:
