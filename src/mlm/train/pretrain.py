@@ -94,8 +94,7 @@ def check_run_dir(run_dir: Path, cfg: PretrainConfig, resuming: bool) -> None:
         raise UserError(f"{run_dir} is not empty and holds no mlm run: choose another run.out_dir")
 
 
-def load_data(cfg: PretrainConfig, tokenizer) -> tuple[Windows, Windows | None]:
-    manifest = read_manifest(cfg.data.data_dir)
+def load_data(cfg: PretrainConfig, manifest: dict, tokenizer) -> tuple[Windows, Windows | None]:
     if manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise UserError(
             f"{cfg.data.data_dir} was prepared with tokenizer {manifest['tokenizer']['name']!r}, "
@@ -132,12 +131,13 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         checkpoint = find_checkpoint(run_dir if resume == "latest" else resume) if resume else None
     check_run_dir(run_dir, cfg, resuming=checkpoint is not None)
 
+    manifest = read_manifest(cfg.data.data_dir)  # first: the default tokenizer lives in the data folder
     tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.data_dir) / TOKENIZER_SUBDIR)
     if tokenizer_family(tokenizer) != cfg.model.family:
         raise UserError(
             f"model.family={cfg.model.family} but the tokenizer uses {tokenizer_family(tokenizer)} special tokens"
         )
-    train, validation = load_data(cfg, tokenizer)
+    train, validation = load_data(cfg, manifest, tokenizer)
 
     per_rank, remainder = divmod(cfg.train.global_batch, info.world_size)
     if remainder or per_rank % cfg.system.micro_batch:
