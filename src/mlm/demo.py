@@ -212,7 +212,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print)
     start = time.time()
     fill_rows = run_fill_mask(checkpoint, fill_mask_examples(held_out, tokenizer, FILL_MASK_SENTENCES))
     seconds["fill-mask"] = time.time() - start
-    log(f"[4/5] fill-mask on held-out sentences:")
+    log("[4/5] fill-mask on held-out sentences:")
     for r in fill_rows:
         log(f"      {r['sentence']}\n        answer: {r['answer']:<12} top 5: {', '.join(r['top5'])}")
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from mlm.atomic import atomic_dir
 from mlm.errors import UserError
 
 FAMILIES = ("roberta", "bert")
@@ -103,17 +101,8 @@ def train_tokenizer(
 
 def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
     """Save to a temporary sibling directory, then rename, so a crash never leaves half a tokenizer."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(name_or_dir: str | Path):

@@ -12,8 +12,6 @@ import collections
 import json
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from mlm.atomic import atomic_dir
 from mlm.data.corpus import ReadStats, check_sources, iter_documents
 from mlm.errors import UserError
 from mlm.tokenizer import load_tokenizer, save_tokenizer, tokenizer_family, tokenizer_fingerprint
@@ -167,18 +166,10 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         raise UserError(f"output directory {out_dir} already exists and is not empty (pass --overwrite to replace it)")
     tokenizer = load_tokenizer(cfg.tokenizer)
     dtype = token_dtype(len(tokenizer))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_tokenizer(tokenizer, tmp / TOKENIZER_SUBDIR)
         manifest = _write_streams(cfg, tokenizer, dtype, tmp, log)
-        _write_json_atomic(tmp / MANIFEST, manifest)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -223,12 +214,6 @@ def _write_streams(cfg: PrepareConfig, tokenizer, dtype: np.dtype, out: Path, lo
         "bad_utf8": stats.bad_utf8,
         "splits": splits,
     }
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def read_manifest(data_dir: str | Path) -> dict:
