@@ -201,3 +201,18 @@ def test_glue_every_scores_checkpoints_in_a_separate_process(data_dirs, tmp_path
     assert result.is_file(), (tmp_path / "run" / "glue" / "checkpoint-20" / "glue.log").read_text()
     assert "accuracy" in json.dumps(json.loads(result.read_text()))
     assert not (tmp_path / "run" / "glue" / "checkpoint-10").exists()
+
+
+def test_second_phase_from_first_phase_weights(data_dirs, tmp_path):
+    """A 32-token phase, then a 48-token phase initialised from its last checkpoint (same prepared data)."""
+    pretrain(tiny_config(data_dirs["roberta"], tmp_path / "phase1", steps=10), **QUIET)
+    phase2 = tiny_config(data_dirs["roberta"], tmp_path / "phase2", steps=10)
+    phase2.data.seq_len, phase2.model.init_from = 48, str(tmp_path / "phase1" / "checkpoint-10")
+    pretrain(phase2, **QUIET)
+    first = losses(tmp_path / "phase1")
+    assert losses(tmp_path / "phase2")[1] < first[1] - 0.5  # starts from trained weights, not from scratch
+    too_long = tiny_config(data_dirs["roberta"], tmp_path / "phase3", steps=10)
+    too_long.data.seq_len, too_long.model.max_positions = 128, 128
+    too_long.model.init_from = str(tmp_path / "phase1" / "checkpoint-10")  # made with 64 positions
+    with pytest.raises(UserError, match="longer than the model's 64 positions"):
+        pretrain(too_long, **QUIET)

@@ -158,6 +158,10 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         )
     if hf_model.config.vocab_size < len(tokenizer):
         raise UserError(f"the model's vocabulary ({hf_model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})")
+    # RoBERTa spends two position embeddings on its padding offset.
+    max_len = hf_model.config.max_position_embeddings - (2 if cfg.model.family == "roberta" else 0)
+    if cfg.data.seq_len > max_len:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {max_len} positions")
     hf_model.to(device).train()
     optimizer = build_optimizer(hf_model, cfg.train, fused=device.type == "cuda")
     scheduler = build_schedule(optimizer, cfg.train)
