@@ -27,6 +27,7 @@ MASK_RATE = 0.4
 PRETRAIN_STEPS = 2000
 VOCAB_SIZE = 8192
 SEQ_LEN = 128
+BATCH = 32
 FILL_MASK_SENTENCES = 5
 FINETUNE_LR = 1e-3
 FINETUNE_EPOCHS = 3
@@ -41,8 +42,8 @@ def demo_config(out: Path, steps: int) -> PretrainConfig:
     return PretrainConfig(
         model=ModelConfig(family="roberta", size="tiny", max_positions=SEQ_LEN, dropout=0.0),
         data=DataConfig(data_dir=str(out / "data"), seq_len=SEQ_LEN, mask_rate=MASK_RATE),
-        train=TrainConfig(steps=steps, global_batch=32, lr=2e-3, warmup_steps=max(1, steps // 10)),
-        system=SystemConfig(micro_batch=32),
+        train=TrainConfig(steps=steps, global_batch=BATCH, lr=2e-3, warmup_steps=max(1, steps // 10)),
+        system=SystemConfig(micro_batch=BATCH),
         run=RunConfig(out_dir=str(out / "run"), log_every=10, checkpoint_every=steps),
         eval=EvalConfig(every=max(1, steps // 10), sequences=256),
     )
@@ -110,7 +111,7 @@ def run_topic_classification(checkpoint: Path, docs: list[tuple[str, str]], prog
     for i, (text, topic) in enumerate(docs):
         split["eval" if is_validation(i, VAL_FRACTION) else "train"].append({"text": text, "label": topics.index(topic)})
     # A tiny model wants a far larger learning rate than run_glue's 2e-5; both initialisations get the same recipe.
-    cfg = FinetuneConfig(lr=FINETUNE_LR, epochs=FINETUNE_EPOCHS, batch_size=32, max_length=SEQ_LEN, device="cpu")
+    cfg = FinetuneConfig(lr=FINETUNE_LR, epochs=FINETUNE_EPOCHS, batch_size=BATCH, max_length=SEQ_LEN, device="cpu")
     results = {}
     for name, random_init in (("pretrained", False), ("random init", True)):
         start = time.time()
@@ -131,7 +132,7 @@ def write_report(out: Path, facts: dict) -> Path:
         f"Tokenizer: byte-level BPE (RoBERTa), {f['vocab_size']:,} tokens, trained on the training articles "
         f"in {f['seconds']['tokenizer']:.1f}s.",
         f"Data: {f['train_tokens']:,} training and {f['val_tokens']:,} validation tokens, prepared in {f['seconds']['prepare']:.1f}s.",
-        f"Pretraining: RoBERTa-tiny (L2/H128, {f['parameters'] / 1e6:.2f}M parameters), {f['steps']} steps × 32 sequences "
+        f"Pretraining: RoBERTa-tiny (L2/H128, {f['parameters'] / 1e6:.2f}M parameters), {f['steps']} steps × {BATCH} sequences "
         f"× {SEQ_LEN} tokens, {MASK_RATE:.0%} of tokens masked, in {f['seconds']['pretrain']:.0f}s "
         f"({f['tokens_per_s']:,.0f} tokens/s on {f['threads']} CPU threads).",
         f"MLM loss: training {f['first_loss']:.3f} → {f['last_loss']:.3f}; validation {f['first_val']:.3f} → {f['last_val']:.3f}.",
@@ -154,7 +155,7 @@ def write_report(out: Path, facts: dict) -> Path:
         "## Topic classification (5 classes)",
         "",
         f"Fine-tuned on {t['train_examples']:,} training articles, scored on {t['eval_examples']} held-out articles "
-        f"(first {SEQ_LEN} tokens, {FINETUNE_EPOCHS} epochs, lr {FINETUNE_LR:g}, batch 32).",
+        f"(first {SEQ_LEN} tokens, {FINETUNE_EPOCHS} epochs, lr {FINETUNE_LR:g}, batch {BATCH}).",
         "",
         "| initialisation | accuracy | fine-tuning time |",
         "|---|---|---|",
@@ -229,7 +230,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print)
         "val_tokens": manifest["splits"]["validation"]["tokens"],
         "parameters": summary["parameters"],
         "steps": steps,
-        "tokens_per_s": steps * 32 * SEQ_LEN / seconds["pretrain"],
+        "tokens_per_s": steps * BATCH * SEQ_LEN / seconds["pretrain"],
         "threads": torch.get_num_threads(),
         "first_loss": train_losses[0]["loss"],
         "last_loss": train_losses[-1]["loss"],
