@@ -146,7 +146,10 @@ def _run_glue(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mlm",
+        description="Pretrain BERT- and RoBERTa-family masked language models from scratch and score them on GLUE.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (_add_tokenizer, _add_prepare, _add_pretrain, _add_demo, _add_glue):
         add(subparsers)
