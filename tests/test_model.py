@@ -2,14 +2,15 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from mlm.model.build import PRESETS, MaskedLMLoss, build_model, hf_config
+from mlm.config import SIZES
+from mlm.model.build import MaskedLMLoss, build_model, hf_config
 from mlm.tokenizer import load_tokenizer
 
 
-@pytest.mark.parametrize("size", list(PRESETS))
+@pytest.mark.parametrize("size", list(SIZES))
 def test_presets(tokenizer_dirs, size):
     cfg = hf_config("bert", size, load_tokenizer(tokenizer_dirs["bert"]))
-    layers, hidden = PRESETS[size]
+    layers, hidden = SIZES[size]
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (layers, hidden, 4 * hidden)
     assert cfg.num_attention_heads == max(2, hidden // 64)
 

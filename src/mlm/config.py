@@ -21,8 +21,16 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SIZES = ("tiny", "mini", "small", "medium", "base", "large")
 FAMILIES = ("roberta", "bert")
+# Model size presets, name: (layers, hidden), as Google's BERT miniatures; FFN is 4H and heads H/64 (at least 2).
+SIZES: dict[str, tuple[int, int]] = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
 
 
 @dataclass

@@ -15,17 +15,11 @@ from typing import Iterable
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mlm.atomic import atomic_dir
+from mlm.config import FAMILIES
 from mlm.errors import UserError
-
-FAMILIES = ("roberta", "bert")
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise UserError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
 
 
 def _roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
@@ -85,7 +79,8 @@ def train_tokenizer(
     texts: Iterable[str], family: str, vocab_size: int, out_dir: str | Path, min_frequency: int = 2
 ):
     """Train a tokenizer of the family's kind on `texts` and save it to `out_dir` (atomically)."""
-    check_family(family)
+    if family not in FAMILIES:
+        raise UserError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
     if vocab_size < 300:
         raise UserError(f"vocab_size={vocab_size} is too small: use at least 300 (byte-level BPE alone needs 256)")
     if vocab_size > 2**32 - 1:
@@ -161,7 +156,6 @@ def build_tokenizer(
         save_tokenizer(tokenizer, out_dir)
         log(f"saved {from_name} ({len(tokenizer):,} tokens, {tokenizer_family(tokenizer)} layout) to {out_dir}")
         return tokenizer
-    check_family(family)
     check_sources(sources or [])
     stats = ReadStats()
     tokenizer = train_tokenizer(iter_documents(sources, stats, text_field), family, vocab_size, out_dir, min_frequency)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mlm.errors import UserError
 from mlm.eval.metrics import compute_metrics
 from mlm.eval.tasks import TaskSpec
+from mlm.model.build import weight_decay_groups
 
 
 @dataclass
@@ -270,13 +271,6 @@ def autocast_dtype(cfg: FinetuneConfig, device: torch.device) -> torch.dtype | N
     return None
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    # Biases and LayerNorm weights (all 1-D tensors) get no weight decay, as in BERT/RoBERTa fine-tuning.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
     if regression:
         return F.mse_loss(logits.squeeze(-1), labels)
@@ -293,7 +287,7 @@ def train_model(
     total = steps_per_epoch * cfg.epochs
     warmup = round(total * cfg.warmup_ratio)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+        weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
         fused=device.type == "cuda",  # one kernel for all parameters on GPU
     )
     # Linear warm-up to the peak, then linear decay to 0 at the last step.

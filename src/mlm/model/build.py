@@ -14,26 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlm.config import SIZES
 from mlm.errors import UserError
-
-# name: (layers, hidden). FFN is 4H and heads H/64 (at least 2), as Google's BERT miniatures.
-PRESETS: dict[str, tuple[int, int]] = {
-    "tiny": (2, 128),
-    "mini": (4, 256),
-    "small": (4, 512),
-    "medium": (8, 512),
-    "base": (12, 768),
-    "large": (24, 1024),
-}
 
 
 def hf_config(family: str, size: str, tokenizer, max_positions: int = 512, dropout: float = 0.1):
     """The transformers config of a preset, with the tokenizer's vocabulary and special ids."""
     from transformers import BertConfig, RobertaConfig
 
-    if size not in PRESETS:
-        raise UserError(f"unknown model size {size!r} (choose {', '.join(PRESETS)})")
-    layers, hidden = PRESETS[size]
+    if size not in SIZES:
+        raise UserError(f"unknown model size {size!r} (choose {', '.join(SIZES)})")
+    layers, hidden = SIZES[size]
     common = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -73,6 +64,14 @@ def load_model(path: str | Path) -> nn.Module:
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
     return AutoModelForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: biases and LayerNorm weights (all 1-D tensors) get no weight decay,
+    as in BERT/RoBERTa pretraining and fine-tuning."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def count_parameters(model: nn.Module) -> int:

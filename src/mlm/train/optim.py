@@ -6,16 +6,12 @@ import torch
 from torch import nn
 
 from mlm.config import TrainConfig
+from mlm.model.build import weight_decay_groups
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW; biases and LayerNorm weights (all 1-D parameters) get no weight decay, as in BERT/RoBERTa."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW; biases and LayerNorm weights get no weight decay."""
+    groups = weight_decay_groups(model, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
