@@ -37,54 +37,24 @@ def corpus(seed: int = 0) -> list[str]:
 
 
 def make_checkpoint(root: Path, family: str = "bert", max_positions: int = 64) -> str:
-    """A tiny pretrained-looking checkpoint: tokenizer + *ForMaskedLM saved with save_pretrained."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import (BertConfig, BertForMaskedLM, PreTrainedTokenizerFast, RobertaConfig,
-                              RobertaForMaskedLM)
+    """A tiny pretrained-looking checkpoint: the project's own tokenizer + *ForMaskedLM saved with save_pretrained."""
+    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
-    root.mkdir(parents=True, exist_ok=True)
+    from mlm.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(corpus(), family, 300, root, min_frequency=1)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, pad_token_id=tokenizer.pad_token_id,
+    )
     if family == "bert":
-        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
-        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-        )
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-            sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_positions,
-        )
-        config = BertConfig(
-            vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=max_positions, type_vocab_size=2,
-            pad_token_id=fast.pad_token_id,
-        )
-        model = BertForMaskedLM(config)
+        model = BertForMaskedLM(BertConfig(**common, max_position_embeddings=max_positions, type_vocab_size=2))
     else:
-        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(
-            corpus(), trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        )
-        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-            cls_token="<s>", sep_token="</s>", mask_token="<mask>", model_max_length=max_positions,
-        )
         config = RobertaConfig(
-            vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=max_positions + 2, type_vocab_size=1,
-            pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            **common, max_position_embeddings=max_positions + 2, type_vocab_size=1,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
         )
         model = RobertaForMaskedLM(config)
-    fast.save_pretrained(root)
     model.save_pretrained(root)
     return str(root)
 
