@@ -126,7 +126,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)")
     run_dir = Path(cfg.run.out_dir)
     if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
-        checkpoint = checkpoint_dirs(run_dir)[-1] if checkpoint_dirs(run_dir) else None
+        checkpoint = next(reversed(checkpoint_dirs(run_dir)), None)
     else:
         checkpoint = find_checkpoint(run_dir if resume == "latest" else resume) if resume else None
     check_run_dir(run_dir, cfg, resuming=checkpoint is not None)
