@@ -296,13 +296,14 @@ def evaluate(s: Setup) -> float | None:
     count = min(s.cfg.eval.sequences, s.validation.count)
     ids = torch.linspace(0, s.validation.count - 1, count).long().numpy()
     s.hf_model.eval()
+    loss_fn = MaskedLMLoss(s.hf_model)  # the plain module: evaluation shapes would recompile a compiled one
     total, n = torch.zeros((), device=s.device), 0
     gen = _masking_generator(s.device, s.cfg.train.seed, step=-1)  # the same masks at every evaluation
     for start in range(0, count, s.cfg.system.micro_batch):
         input_ids = torch.from_numpy(s.validation.batch(ids[start : start + s.cfg.system.micro_batch])).to(s.device)
         masked, positions, labels = mask_tokens(input_ids, s.masking, gen)
         with _autocast(s):
-            total += MaskedLMLoss(s.hf_model)(masked, positions, labels) * len(input_ids)
+            total += loss_fn(masked, positions, labels) * len(input_ids)
         n += len(input_ids)
     s.hf_model.train()
     return (total / n).item()
@@ -339,9 +340,9 @@ def fit(s: Setup, log=print) -> dict:
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
             loss_acc.zero_()
             steps_in_window, window_start = 0, time.time()
-        if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
-            last_val = evaluate(s)
-            if main and last_val is not None:
+        if main and cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
+            last_val = evaluate(s)  # every rank holds the same weights: one evaluation is enough
+            if last_val is not None:
                 logger.log(done, val_loss=last_val)
                 bar.write(f"step {done}: validation loss {last_val:.4f}")
         if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
