@@ -148,8 +148,8 @@ def check_sources(sources: list[str]) -> None:
 
 
 def iter_documents(sources: list[str], stats: ReadStats, text_field: str = "text", split: str = "train") -> Iterator[str]:
-    """Yield every document of every source, in order."""
-    check_sources(sources)
+    """Yield every document of every source, in order. Callers run `check_sources` first, so that a bad
+    source fails before any output is written rather than midway through reading."""
     for source in sources:
         if source == DEMO_SOURCE:
             docs: Iterator[str] = (text for text, _ in demo_documents(stats))
