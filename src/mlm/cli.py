@@ -24,8 +24,6 @@ def _add_tokenizer(subparsers) -> None:
 def _run_tokenizer(args: argparse.Namespace) -> None:
     from mlm.tokenizer import build_tokenizer
 
-    if not args.corpus and not args.from_name:
-        raise UserError("give --corpus to train a tokenizer or --from to copy one")
     build_tokenizer(args.out, args.corpus, args.family, args.vocab_size, args.min_frequency, args.text_field, args.from_name)
 
 

@@ -276,10 +276,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(PretrainConfig, values, "")
 
 
-def config_from_dict(values: dict) -> PretrainConfig:
-    return _build(PretrainConfig, values, "")
-
-
 def save_config(cfg: PretrainConfig, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

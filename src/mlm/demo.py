@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from mlm.config import DataConfig, EvalConfig, ModelConfig, PretrainConfig, RunConfig, SystemConfig, TrainConfig
-from mlm.data.corpus import DEMO_SOURCE, ReadStats, demo_documents
+from mlm.data.corpus import DEMO_SOURCE, demo_documents
 from mlm.data.prepare import PrepareConfig, is_validation, prepare
 from mlm.errors import UserError
 from mlm.tokenizer import train_tokenizer
@@ -180,8 +180,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print)
     seconds: dict[str, float] = {}
 
     start = time.time()
-    stats = ReadStats()
-    docs = demo_documents(stats)
+    docs = demo_documents()
     train_texts = [text for i, (text, _) in enumerate(docs) if not is_validation(i, VAL_FRACTION)]
     held_out = [text for i, (text, _) in enumerate(docs) if is_validation(i, VAL_FRACTION)]
     tokenizer = train_tokenizer(train_texts, "roberta", VOCAB_SIZE, out / "tokenizer")

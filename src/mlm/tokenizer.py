@@ -156,7 +156,9 @@ def build_tokenizer(
         save_tokenizer(tokenizer, out_dir)
         log(f"saved {from_name} ({len(tokenizer):,} tokens, {tokenizer_family(tokenizer)} layout) to {out_dir}")
         return tokenizer
-    check_sources(sources or [])
+    if not sources:
+        raise UserError("give --corpus to train a tokenizer or --from to copy one")
+    check_sources(sources)
     stats = ReadStats()
     tokenizer = train_tokenizer(iter_documents(sources, stats, text_field), family, vocab_size, out_dir, min_frequency)
     if stats.bad_utf8:
