@@ -76,7 +76,9 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     from mlm.config import load_config
     from mlm.train.pretrain import pretrain
 
-    pretrain(load_config(args.config, args.overrides), resume=args.resume)
+    summary = pretrain(load_config(args.config, args.overrides), resume=args.resume)
+    if summary["stopped_by"]:  # checkpointed after a signal: SLURM's requeue expects 0, Ctrl-C's convention 130
+        sys.exit(130 if summary["stopped_by"] == "SIGINT" else 0)
 
 
 def _add_demo(subparsers) -> None:

@@ -22,6 +22,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 FAMILIES = ("roberta", "bert")
+STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 # Model size presets, name: (layers, hidden), as Google's BERT miniatures; FFN is 4H and heads H/64 (at least 2).
 SIZES: dict[str, tuple[int, int]] = {
     "tiny": (2, 128),
@@ -122,8 +123,27 @@ class SystemConfig:
     """torch.compile the model: auto (on GPU only), on, off."""
     threads: int = 0
     """CPU threads for PyTorch; 0 keeps its default."""
+    strategy: str = "auto"
+    """Parallelism engine: auto (ddp with several ranks, one plain process otherwise), ddp, fsdp (FSDP2) or
+    deepspeed (needs system.deepspeed_config). Changes speed and memory, not the result."""
+    fsdp_reshard_after_forward: bool = False
+    """fsdp: free each layer's gathered weights after its forward (ZeRO-3-like, less memory, one more
+    all-gather in the backward) instead of keeping them until the backward (ZeRO-2-like)."""
+    deepspeed_config: str = ""
+    """deepspeed: path of a DeepSpeed JSON (e.g. configs/deepspeed/zero2.json); its "auto" values are filled
+    from this config, and a value that contradicts it is refused."""
+    dist_timeout_s: int = 1800
+    """Seconds a collective may wait for the other ranks before the job fails (e.g. a rank that died)."""
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise UserError(f"system.strategy: unknown engine {self.strategy!r} (choose {', '.join(STRATEGIES)})")
+        if self.strategy == "deepspeed" and not self.deepspeed_config:
+            raise UserError("system.strategy=deepspeed needs system.deepspeed_config (e.g. configs/deepspeed/zero2.json)")
+        if self.deepspeed_config and self.strategy != "deepspeed":
+            raise UserError(f"system.deepspeed_config is set but system.strategy={self.strategy}: add --system.strategy=deepspeed")
+        if self.dist_timeout_s < 1:
+            raise UserError(f"system.dist_timeout_s must be positive, got {self.dist_timeout_s}")
         if self.micro_batch < 1:
             raise UserError(f"system.micro_batch must be positive, got {self.micro_batch}")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -1,13 +1,18 @@
 """The only place that reads RANK / WORLD_SIZE: process-group set-up and the few collectives the loop needs.
 
-Launched plainly, the process is rank 0 of 1 and nothing here touches torch.distributed. Launched by
-`torchrun` (or `srun`, which sets the same variables through scripts/slurm.sh), it joins the group.
+Launched plainly, the process is rank 0 of 1 and nothing here touches torch.distributed, unless the engine
+needs a process group (fsdp, deepspeed): then it forms a group of one. Launched by `torchrun` (or `srun`
+through scripts/slurm/pretrain.sbatch, which sets the same variables), it joins the job's group.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as torch_dist
@@ -30,24 +35,38 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init(device_kind: str) -> DistInfo:
-    """Join the process group if launched by torchrun; NCCL for CUDA, Gloo for CPU."""
+_control_group = None  # a Gloo group for small host-side collectives (the stop flag) beside NCCL
+
+
+def init(device_kind: str, timeout_s: int = 1800, need_group: bool = False) -> DistInfo:
+    """Join the process group if launched by torchrun (NCCL for CUDA, Gloo for CPU); with need_group, form
+    a group of one when launched plainly. A collective that waits longer than timeout_s fails the job
+    instead of hanging (a rank that died)."""
+    global _control_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
-    if info.distributed and not torch_dist.is_initialized():
+    if (info.distributed or need_group) and not torch_dist.is_initialized():
         if device_kind == "cuda":
             torch.cuda.set_device(info.local_rank)
-        torch_dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if info.distributed:
+            torch_dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # one process, no launcher: an in-memory store, no network port
+            torch_dist.init_process_group(backend=backend, store=torch_dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        _control_group = torch_dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return info
 
 
 def cleanup() -> None:
+    global _control_group
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    _control_group = None
 
 
 def barrier(info: DistInfo) -> None:
-    if info.distributed:
+    if torch_dist.is_initialized():
         torch_dist.barrier()
 
 
@@ -58,3 +77,48 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
         value /= info.world_size
     return value
+
+
+def gather_to_main(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's object, in rank order, on the main rank (other ranks get [])."""
+    if not info.distributed:
+        return [obj]
+    gathered = [None] * info.world_size if info.is_main else None
+    torch_dist.gather_object(obj, gathered, dst=0, group=_control_group)
+    return gathered or []
+
+
+# ---- stopping on a signal: SIGTERM / SIGUSR1 (pre-emption, SLURM's --signal) and SIGINT (Ctrl-C) ----
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopFlag:
+    """Set by a signal handler; read at a step boundary so that all ranks stop after the same step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def handle(self, signum, frame) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
+        self.signal = self.signal or signum
+
+    def agreed(self, info: DistInfo) -> int | None:
+        """The signal that stops the job, if any rank got one (one tiny all-reduce on the host)."""
+        if not info.distributed:
+            return self.signal
+        flag = torch.tensor([self.signal or 0], dtype=torch.int64)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX, group=_control_group)
+        return int(flag.item()) or None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """Install the handlers for the duration of training; the previous ones come back afterwards."""
+    flag = StopFlag()
+    previous = {sig: signal.signal(sig, flag.handle) for sig in STOP_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

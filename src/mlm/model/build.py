@@ -83,16 +83,17 @@ class MaskedLMLoss(nn.Module):
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
+        # The HF model is the only submodule, so every parameter has one name ("hf_model.…") for the
+        # engines that shard or checkpoint by name.
         self.hf_model = hf_model
-        self.encoder = hf_model.base_model  # BertModel / RobertaModel (no pooler)
-        # BertForMaskedLM calls its head `cls`, RobertaForMaskedLM `lm_head`; both map (…, H) → (…, V).
-        self.head = hf_model.cls if hasattr(hf_model, "cls") else hf_model.lm_head
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T), positions (B, K), labels (B, K) → mean cross-entropy over labelled positions."""
         # Sequences are full windows, never padded, so no attention mask is needed (and SDPA takes its fast path).
-        hidden = self.encoder(input_ids=input_ids).last_hidden_state  # (B, T, H)
+        hidden = self.hf_model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, H)
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))  # (B, K, H)
         picked = hidden.gather(1, index)  # (B, K, H)
-        logits = self.head(picked)  # (B, K, V)
+        # BertForMaskedLM calls its head `cls`, RobertaForMaskedLM `lm_head`; both map (…, H) → (…, V).
+        head = self.hf_model.cls if hasattr(self.hf_model, "cls") else self.hf_model.lm_head
+        logits = head(picked)  # (B, K, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

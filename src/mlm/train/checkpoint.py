@@ -1,22 +1,35 @@
-"""Checkpoints: `checkpoint-<step>/` = a plain HF model (safetensors + config.json) + its tokenizer +
-`training_state.pt` (optimizer, schedule, step, RNG) so that a resumed run continues exactly.
+"""Checkpoints: `checkpoint-<step>/` holds everything a resume needs, so a copied or moved folder resumes.
 
-Each checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a
-folder that looks like a checkpoint but is not one.
+    checkpoint-<step>/
+      config.json, model.safetensors, tokenizer files   a plain Hugging Face model (full fp32 weights)
+      engine/                                           model + optimizer state of the engine, by name,
+                                                        sharded by torch.distributed.checkpoint (DCP)
+      training_state.pt                                 step, engine, world size, each rank's RNG state
+
+DCP reshards at load time, so a run saved on N ranks resumes on M. Every rank writes its shards into
+`.checkpoint-<step>.tmp/`; the main rank adds the rest and renames the folder when all is written, so a
+crash never leaves a folder under the final name that looks whole but is not (`training_state.pt` is
+written last and is what marks a checkpoint complete).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
 
-from mlm.atomic import atomic_dir
+from mlm import dist
 from mlm.errors import UserError
 
 STATE_FILE = "training_state.pt"
+ENGINE_DIR = "engine"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -40,38 +53,81 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
-def save_checkpoint(
-    run_dir: Path, step: int, hf_model, tokenizer, optimizer, scheduler, keep: int = 0
-) -> Path:
-    """Write checkpoint-<step>/ atomically; with keep > 0, delete all but the newest `keep`."""
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Drop the temporary folders of checkpoints that a killed run did not finish (main rank only)."""
+    for partial in run_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+@contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns when there is no process group; one plain process is a normal case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _rng_state(device: torch.device) -> dict:
+    """This rank's random state: the CPU generator and its own GPU's (dropout draws from them)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.DistInfo, device: torch.device,
+                    keep: int = 0) -> Path:
+    """Write checkpoint-<step>/ with every rank; with keep > 0, delete all but the newest `keep`."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar, the training one
-    final = run_dir / f"checkpoint-{step}"
-    with atomic_dir(final) as tmp:
-        hf_model.save_pretrained(str(tmp), safe_serialization=True)
+    final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier(info)
+    with _one_process_is_fine():
+        dcp.save(engine.state_dict(), checkpoint_id=str(tmp / ENGINE_DIR))
+    model = engine.export_model()  # full weights gathered on the main rank
+    rng = dist.gather_to_main(_rng_state(device), info)
+    if info.is_main:
+        model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        state = {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng}
         torch.save(state, tmp / STATE_FILE)
-    if keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            for old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old)
+    dist.barrier(info)
     return final
 
 
-def load_training_state(checkpoint: Path, optimizer, scheduler) -> int:
-    """Restore optimizer, schedule and RNG from a checkpoint; returns the step to continue from."""
+def load_training_state(checkpoint: Path, engine, info: dist.DistInfo, device: torch.device) -> int:
+    """Restore the engine's model and optimizer state (resharded to this world size) and, on the same
+    number of ranks, each rank's RNG state; returns the step to continue from."""
     # weights_only: a checkpoint is data, never code.
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    if not (checkpoint / ENGINE_DIR).is_dir():
+        raise UserError(f"{checkpoint} has no {ENGINE_DIR}/ state (written by an older mlm): start a new run "
+                        f"from its weights with --model.init_from={checkpoint}")
+    saved_by = state["strategy"]
+    if (saved_by == "deepspeed") != (engine.name == "deepspeed"):
+        raise UserError(
+            f"{checkpoint} was written by the {saved_by} engine and cannot resume under {engine.name} "
+            f"(ddp and fsdp share a format; deepspeed has its own): resume with --system.strategy={saved_by}, "
+            f"or start a new run from its weights with --model.init_from={checkpoint}"
+        )
+    engine_state = engine.state_dict()
+    with _one_process_is_fine():
+        dcp.load(engine_state, checkpoint_id=str(checkpoint / ENGINE_DIR))
+    engine.load_state_dict(engine_state)
+    # Dropout streams continue exactly only where each rank finds its own state: the same world size.
+    if state["world_size"] == info.world_size:
+        rng = state["rng"][info.rank]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
     return int(state["step"])

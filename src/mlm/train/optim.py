@@ -1,4 +1,7 @@
-"""AdamW with the reference's settings and a linear warm-up / linear decay schedule."""
+"""AdamW with the reference's settings and a linear warm-up / linear decay schedule.
+
+The schedule is a plain function of the step: the training loop sets the learning rate before every
+optimizer step, on every engine, so there is no scheduler state to save and no second schedule."""
 
 from __future__ import annotations
 
@@ -20,7 +23,3 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg.warmup_steps, cfg.steps))

@@ -2,17 +2,18 @@
 
 One optimizer step = `accum` micro-batches of `micro_batch` sequences on each of `world_size` ranks:
     global_batch = micro_batch × accum × world_size
-Masking happens on the device; the loss is only read back to the host at logging steps.
+Masking happens on the device; the loss is only read back to the host at logging steps. The loop talks to
+the parallelism engine (ddp, fsdp, deepspeed) through one interface (train/engines/base.py) and never
+asks which one it has.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import json
-import math
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -28,11 +29,18 @@ from mlm.data.masking import MaskingSpec, mask_tokens
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, TokenStream, Windows
 from mlm.errors import UserError
-from mlm.model.build import MaskedLMLoss, build_model, count_parameters, hf_config, load_model
+from mlm.model.build import build_model, count_parameters, hf_config, load_model
 from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
-from mlm.train.checkpoint import checkpoint_dirs, find_checkpoint, load_training_state, save_checkpoint
+from mlm.train.checkpoint import (
+    checkpoint_dirs,
+    find_checkpoint,
+    load_training_state,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
+from mlm.train.engines import Engine, build_engine, check_deepspeed
 from mlm.train.metrics import MetricsLogger
-from mlm.train.optim import build_optimizer, build_schedule
+from mlm.train.optim import lr_factor
 
 CONFIG_FILE = "config.json"
 
@@ -45,13 +53,12 @@ class Setup:
     run_dir: Path
     info: dist.DistInfo
     device: torch.device
-    autocast_dtype: torch.dtype | None
+    precision: str
+    """What the model computes in: "bf16" or "fp32"."""
     tokenizer: object
     hf_model: nn.Module
-    loss_model: nn.Module
-    """The module the step calls: MaskedLMLoss, possibly compiled and wrapped by DDP."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    engine: Engine
+    """Model + optimizer wrapped by the chosen engine: the step, evaluation and checkpoints go through it."""
     train: Windows
     validation: Windows | None
     sampler: Sampler
@@ -118,7 +125,11 @@ def load_data(cfg: PretrainConfig, manifest: dict, tokenizer) -> tuple[Windows, 
 def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     """Validate everything that can be wrong before any output is written, then build the run."""
     wants_cuda = cfg.system.device.startswith("cuda") or (cfg.system.device == "auto" and torch.cuda.is_available())
-    info = dist.init("cuda" if wants_cuda else "cpu")
+    strategy = "ddp" if cfg.system.strategy == "auto" else cfg.system.strategy
+    if strategy == "deepspeed":
+        check_deepspeed()
+    # fsdp and deepspeed need a process group even on one process; ddp on one process needs none.
+    info = dist.init("cuda" if wants_cuda else "cpu", cfg.system.dist_timeout_s, need_group=strategy != "ddp")
     device = resolve_device(cfg.system.device, info)
     if cfg.system.threads:
         torch.set_num_threads(cfg.system.threads)
@@ -146,6 +157,13 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
             f"system.micro_batch={cfg.system.micro_batch} × {info.world_size} rank(s)"
         )
     accum = per_rank // cfg.system.micro_batch
+    bf16 = cfg.system.precision == "bf16" or (cfg.system.precision == "auto" and device.type == "cuda")
+    ds_config = None
+    if strategy == "deepspeed":
+        from mlm.train.deepspeed_config import resolve_deepspeed_config
+
+        ds_config = resolve_deepspeed_config(cfg.system.deepspeed_config, cfg, accum, device.type)
+        bf16 = bool(ds_config["bf16"]["enabled"])  # DeepSpeed casts the model itself: the file decides
 
     if checkpoint is not None:
         hf_model = load_model(checkpoint)
@@ -163,24 +181,16 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     if cfg.data.seq_len > max_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {max_len} positions")
     hf_model.to(device).train()
-    optimizer = build_optimizer(hf_model, cfg.train, fused=device.type == "cuda")
-    scheduler = build_schedule(optimizer, cfg.train)
-    start_step = load_training_state(checkpoint, optimizer, scheduler) if checkpoint is not None else 0
-
-    loss_model: nn.Module = MaskedLMLoss(hf_model)
     compiled = cfg.system.compile == "on" or (cfg.system.compile == "auto" and device.type == "cuda")
-    if compiled:
-        loss_model = torch.compile(loss_model)
-    if info.distributed:
-        loss_model = nn.parallel.DistributedDataParallel(
-            loss_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    bf16 = cfg.system.precision == "bf16" or (cfg.system.precision == "auto" and device.type == "cuda")
+    autocast_dtype = torch.bfloat16 if bf16 and strategy != "deepspeed" else None
+    engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)
+    start_step = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else 0
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
         _truncate_metrics(run_dir, start_step)
+        remove_partial_checkpoints(run_dir)
     dist.barrier(info)
 
     masking = MaskingSpec(
@@ -195,12 +205,10 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         run_dir=run_dir,
         info=info,
         device=device,
-        autocast_dtype=torch.bfloat16 if bf16 else None,
+        precision="bf16" if bf16 else "fp32",
         tokenizer=tokenizer,
         hf_model=hf_model,
-        loss_model=loss_model,
-        optimizer=optimizer,
-        scheduler=scheduler,
+        engine=engine,
         train=train,
         validation=validation,
         sampler=Sampler(train.count, cfg.train.global_batch, cfg.train.seed),
@@ -228,8 +236,8 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
     epochs = cfg.train.steps * cfg.train.global_batch / s.train.count
     log(
         f"model: {cfg.model.family}-{cfg.model.size}, {count_parameters(s.hf_model) / 1e6:.2f}M parameters, "
-        f"vocabulary {len(s.tokenizer):,}, on {s.device} ({'bf16' if s.autocast_dtype else 'fp32'}"
-        f"{', compiled' if s.compiled else ''})"
+        f"vocabulary {len(s.tokenizer):,}, on {s.device} ({s.precision}{', compiled' if s.compiled else ''}), "
+        f"engine {s.engine.name}"
     )
     log(
         f"batch: micro_batch {cfg.system.micro_batch} × accumulation {s.accum} × ranks {s.info.world_size} "
@@ -250,8 +258,8 @@ def _masking_generator(device: torch.device, seed: int, step: int) -> torch.Gene
     return gen
 
 
-def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; returns (mean loss, grad norm) as device tensors (no host synchronisation)."""
+def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step; returns (mean loss, grad norm) as device tensors (no host synchronisation), and the lr."""
     cfg = s.cfg
     ids = s.sampler.rank_batch_ids(step, s.info.rank, s.info.world_size)  # this rank's slice of the global batch
     batch = torch.from_numpy(s.train.batch(ids))  # (accum × micro_batch, T)
@@ -267,50 +275,37 @@ def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     loss_sum = torch.zeros((), device=s.device)
     for micro, (input_ids, micro_positions, micro_labels) in enumerate(micro_batches):
         last = micro == len(micro_batches) - 1
-        # DDP: all-reduce gradients only once, after the last micro-batch.
-        sync = contextlib.nullcontext() if last or not s.info.distributed else s.loss_model.no_sync()
-        with sync:
-            with _autocast(s):
-                loss = s.loss_model(input_ids, micro_positions, micro_labels) / s.accum
-            loss.backward()
-        loss_sum += loss.detach()
-    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(s.hf_model.parameters(), clip)
-    s.optimizer.step()
-    s.scheduler.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    return dist.mean_across_ranks(loss_sum, s.info), grad_norm
-
-
-def _autocast(s: Setup):
-    if s.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=s.device.type, dtype=s.autocast_dtype)
+        loss_sum += s.engine.forward_backward(input_ids, micro_positions, micro_labels, s.accum, last)
+    lr = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps, cfg.train.steps)
+    grad_norm = s.engine.step(lr, cfg.train.grad_clip)
+    return dist.mean_across_ranks(loss_sum, s.info), grad_norm, lr
 
 
 @torch.no_grad()
 def evaluate(s: Setup) -> float | None:
-    """Mean MLM loss on up to eval.sequences validation sequences spread over the split, with fixed masks."""
+    """Mean MLM loss on up to eval.sequences validation sequences spread over the split, with fixed masks.
+    Every rank evaluates the same sequences (a sharded model needs every rank in its forward)."""
     if s.validation is None:
         return None
     count = min(s.cfg.eval.sequences, s.validation.count)
     ids = torch.linspace(0, s.validation.count - 1, count).long().numpy()
-    s.hf_model.eval()
-    loss_fn = MaskedLMLoss(s.hf_model)  # the plain module: evaluation shapes would recompile a compiled one
+    s.engine.train(False)
     total, n = torch.zeros((), device=s.device), 0
     gen = _masking_generator(s.device, s.cfg.train.seed, step=-1)  # the same masks at every evaluation
     for start in range(0, count, s.cfg.system.micro_batch):
         input_ids = torch.from_numpy(s.validation.batch(ids[start : start + s.cfg.system.micro_batch])).to(s.device)
         masked, positions, labels = mask_tokens(input_ids, s.masking, gen)
-        with _autocast(s):
-            total += loss_fn(masked, positions, labels) * len(input_ids)
+        total += s.engine.eval_loss(masked, positions, labels).float() * len(input_ids)
         n += len(input_ids)
-    s.hf_model.train()
+    s.engine.train(True)
     return (total / n).item()
 
 
 def fit(s: Setup, log=print) -> dict:
-    """Train from s.start_step to cfg.train.steps; returns the final train and validation losses."""
+    """Train from s.start_step to cfg.train.steps; returns the final train and validation losses.
+
+    On SIGTERM, SIGUSR1 or SIGINT every rank finishes its step, they agree to stop (one all-reduce), write a
+    checkpoint together and return with `stopped_by` set to the signal's name."""
     from tqdm.auto import tqdm
 
     cfg = s.cfg
@@ -322,36 +317,45 @@ def fit(s: Setup, log=print) -> dict:
     )
     loss_acc = torch.zeros((), device=s.device)
     steps_in_window, window_start = 0, time.time()
-    last_loss = last_val = None
-    if main and cfg.eval.every and s.start_step == 0 and s.validation is not None:
-        logger.log(0, val_loss=evaluate(s))  # the curve starts from the untrained model
-    for step in range(s.start_step, cfg.train.steps):
-        lr = s.scheduler.get_last_lr()[0]
-        loss, grad_norm = train_step(s, step)
-        loss_acc += loss
-        steps_in_window += 1
-        done = step + 1
-        bar.update(1)
-        if done % cfg.run.log_every == 0 or done == cfg.train.steps:
-            last_loss = (loss_acc / steps_in_window).item()  # the only host sync of the step loop
-            tokens_per_s = steps_in_window * tokens_per_step / (time.time() - window_start)
-            if main:
-                logger.log(done, loss=last_loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-            loss_acc.zero_()
-            steps_in_window, window_start = 0, time.time()
-        if main and cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
-            last_val = evaluate(s)  # every rank holds the same weights: one evaluation is enough
-            if last_val is not None:
-                logger.log(done, val_loss=last_val)
-                bar.write(f"step {done}: validation loss {last_val:.4f}")
-        if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
-            if main:
-                path = save_checkpoint(
-                    s.run_dir, done, s.hf_model, s.tokenizer, s.optimizer, s.scheduler, cfg.run.keep_checkpoints
-                )
-                _maybe_launch_glue(cfg, path, done)
-            dist.barrier(s.info)
+    last_loss = last_val = stopped_by = None
+    checkpoint = None
+    if cfg.eval.every and s.start_step == 0 and s.validation is not None:
+        val = evaluate(s)  # the curve starts from the untrained model
+        if main:
+            logger.log(0, val_loss=val)
+    with dist.stop_on_signals() as stop:
+        for step in range(s.start_step, cfg.train.steps):
+            loss, grad_norm, lr = train_step(s, step)
+            loss_acc += loss
+            steps_in_window += 1
+            done = step + 1
+            bar.update(1)
+            if done % cfg.run.log_every == 0 or done == cfg.train.steps:
+                last_loss = (loss_acc / steps_in_window).item()  # the only host sync of the step loop
+                tokens_per_s = steps_in_window * tokens_per_step / (time.time() - window_start)
+                if main:
+                    logger.log(done, loss=last_loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s,
+                               **_peak_memory(s.device))
+                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                loss_acc.zero_()
+                steps_in_window, window_start = 0, time.time()
+            signum = stop.agreed(s.info)
+            if signum is not None:
+                stopped_by = signal.Signals(signum).name
+                checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
+                if main:
+                    bar.write(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
+                              "continue with the same command and --resume")
+                break
+            if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
+                last_val = evaluate(s)
+                if main and last_val is not None:
+                    logger.log(done, val_loss=last_val)
+                    bar.write(f"step {done}: validation loss {last_val:.4f}")
+            if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
+                checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
+                if main:
+                    _maybe_launch_glue(cfg, checkpoint, done)
     bar.close()
     if logger is not None:
         logger.close()
@@ -360,7 +364,16 @@ def fit(s: Setup, log=print) -> dict:
         "val_loss": last_val,
         "steps": cfg.train.steps,
         "parameters": count_parameters(s.hf_model),
+        "stopped_by": stopped_by,
+        "checkpoint": str(checkpoint) if checkpoint else None,
     }
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """Peak GPU memory so far, for the metrics (nothing on the CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def _maybe_launch_glue(cfg: PretrainConfig, checkpoint: Path, step: int) -> None:
@@ -379,8 +392,7 @@ def _maybe_launch_glue(cfg: PretrainConfig, checkpoint: Path, step: int) -> None
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, log=print) -> dict:
     """The whole `mlm pretrain` command."""
-    s = setup(cfg, resume, log)
     try:
-        return fit(s, log)
+        return fit(setup(cfg, resume, log), log)
     finally:
         dist.cleanup()

@@ -1,0 +1,121 @@
+"""DeepSpeed (`deepspeed`): the user's DeepSpeed JSON (ZeRO stage 1 or 2), e.g. the reference's zero2.json.
+
+DeepSpeed keeps fp32 master weights and Adam state partitioned over the ranks and, with bf16 on, trains
+a bf16 copy of the model. Its checkpoints are tied to the world size, so this engine saves the full fp32
+weights and Adam moments by parameter name instead (gathered with DeepSpeed's own safe_get_full_*
+functions) and scatters them back at load time with safe_set_full_*: a run resumes on any number of
+ranks with its optimizer state intact. Imported only when chosen: deepspeed is an optional extra.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from mlm.model.build import MaskedLMLoss
+from mlm.train.engines.base import Engine
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam state DeepSpeed partitions (besides the step count)
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, hf_model: nn.Module, optimizer_factory, ds_config: dict, device: torch.device, compile: bool):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        import deepspeed
+
+        self.hf_model, self.device = hf_model, device
+        self.loss_model = MaskedLMLoss(hf_model)
+        # Our AdamW (no decay on biases/LayerNorm) and our schedule, never ones from the JSON
+        # (resolve_deepspeed_config removed them after checking they map onto ours).
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.loss_model, optimizer=optimizer_factory(hf_model), config=ds_config, dist_init_required=False
+        )
+        if compile:
+            self.engine.compile()
+        self.parameters = list(self.loss_model.named_parameters())  # shared (tied) weights listed once
+
+    def forward_backward(self, input_ids, positions, labels, accum, last):
+        loss = self.engine(input_ids, positions, labels)
+        self.engine.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps (= accum) itself
+        if not last:
+            self.engine.step()  # counts the micro-batch; DeepSpeed updates only at the accumulation boundary
+        return loss.detach() / accum
+
+    def step(self, lr, grad_clip):
+        # Clipping to grad_clip happens inside DeepSpeed's optimizer: the JSON's gradient_clipping is ours.
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()  # before clipping
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids, positions, labels):
+        return self.engine(input_ids, positions, labels).float()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    # ---- checkpoints: full fp32 tensors by name, any world size -----------------------------------
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer.optimizer  # our AdamW inside DeepSpeed's ZeRO optimizer, on flat fp32 partitions
+
+    def state_dict(self) -> dict:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        started = bool(self._base_optimizer().state)  # torch's AdamW creates its state at the first step
+        model, moments = {}, {key: {} for key in MOMENTS}
+        for name, param in self.parameters:  # collectives: every rank walks the same list
+            model[name] = safe_get_full_fp32_param(param).cpu()
+            for key in MOMENTS:
+                value = safe_get_full_optimizer_state(param, key) if started else None
+                moments[key][name] = value.cpu() if value is not None else torch.zeros_like(model[name])
+        step = next(iter(self._base_optimizer().state.values()))["step"] if started else torch.tensor(0.0)
+        return {"model": model, "optimizer": {**moments, "step": step.detach().cpu().float()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        base = self._base_optimizer()
+        for group in base.param_groups:  # create the state torch's AdamW would create at its first step
+            for flat in group["params"]:
+                on_device = group.get("fused") or group.get("capturable")
+                step = state["optimizer"]["step"].to(flat.device if on_device else "cpu")
+                base.state[flat] = {"step": step.clone(), **{key: torch.zeros_like(flat) for key in MOMENTS}}
+        # Link each parameter's fragment to the new state (DeepSpeed does this after its first step).
+        self.optimizer._lazy_init_hp_params_optimizer_state()
+        for name, param in self.parameters:
+            safe_set_full_fp32_param(param, state["model"][name].to(self.device))
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, state["optimizer"][key][name].to(self.device), key)
+        self.optimizer.update_lp_params()  # the (bf16) model copy from the restored fp32 masters
+
+    def export_model(self):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = {name: safe_get_full_fp32_param(param).cpu() for name, param in self.parameters}
+        if torch.distributed.get_rank() != 0:
+            return None
+        from transformers import AutoModelForMaskedLM
+
+        prefix = "hf_model."
+        model = AutoModelForMaskedLM.from_config(self.hf_model.config, attn_implementation="sdpa")
+        missing, unexpected = model.load_state_dict({k[len(prefix):]: v for k, v in full.items()}, strict=False)
+        # Tied weights (the MLM decoder is the word embedding) are listed once among the parameters.
+        assert not unexpected and all(k in _tied_keys(model) for k in missing), (missing, unexpected)
+        return model
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that are other names of a parameter already listed under another key."""
+    seen, tied = set(), set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(key)
+        seen.add(id(tensor))
+    return tied

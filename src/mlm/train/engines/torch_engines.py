@@ -1,0 +1,143 @@
+"""PyTorch's own engines: one plain process or DDP (`ddp`), and FSDP2 (`fsdp`).
+
+Both hand torch.distributed.checkpoint the state dicts of `get_state_dict`, which name every tensor by
+its parameter name whatever the wrapping (DDP's `module.` prefix, FSDP2's DTensor shards), so a
+checkpoint of either engine loads on any number of ranks and under the other one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from mlm.model.build import MaskedLMLoss
+from mlm.train.engines.base import Engine
+
+
+class DDPEngine(Engine):
+    """Replicated weights; with several ranks, DistributedDataParallel all-reduces the gradients once per
+    optimizer step (accumulation micro-batches run under no_sync)."""
+
+    name = "ddp"
+
+    def __init__(self, hf_model: nn.Module, optimizer_factory, device: torch.device, distributed: bool,
+                 compile: bool, autocast_dtype: torch.dtype | None):
+        self.hf_model, self.device = hf_model, device
+        self.optimizer = optimizer_factory(hf_model)
+        self.autocast_dtype = autocast_dtype
+        self.loss_model = MaskedLMLoss(hf_model)
+        self.ddp: nn.parallel.DistributedDataParallel | None = None
+        train_module: nn.Module = self.loss_model
+        if distributed:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.loss_model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            train_module = self.ddp
+        # Compile after wrapping: DDP then splits the graph at its gradient buckets, so the all-reduce of
+        # one bucket overlaps the backward of the next (compiling first would hide the hooks from DDP).
+        self.train_module = torch.compile(train_module) if compile else train_module
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, input_ids, positions, labels, accum, last):
+        sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
+        with sync:
+            with self._autocast():
+                loss = self.train_module(input_ids, positions, labels) / accum
+            loss.backward()
+        return loss.detach()
+
+    def step(self, lr, grad_clip):
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.hf_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids, positions, labels):
+        # The plain module: evaluation shapes would recompile a compiled one, and no gradient needs syncing.
+        with self._autocast():
+            return self.loss_model(input_ids, positions, labels)
+
+    def state_dict(self):
+        model, optimizer = get_state_dict(self.loss_model, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def load_state_dict(self, state):
+        set_state_dict(self.loss_model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def export_model(self):
+        return self.hf_model  # every rank holds the full fp32 weights; only the main rank writes them
+
+
+class FSDPEngine(DDPEngine):
+    """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the ranks; each
+    encoder layer is one shard group (gathered just before it runs), the rest (embeddings, the tied
+    MLM decoder, the head) is the root group, so the tied word-embedding / decoder weight stays whole in
+    one group. reshard_after_forward=False keeps gathered layers until their backward (ZeRO-2-like)."""
+
+    name = "fsdp"
+
+    def __init__(self, hf_model: nn.Module, optimizer_factory, device: torch.device, compile: bool,
+                 autocast_dtype: torch.dtype | None, reshard_after_forward: bool):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.hf_model, self.device = hf_model, device
+        self.loss_model = MaskedLMLoss(hf_model)
+        self.ddp = None
+        # On a GPU, bf16 runs as FSDP's mixed precision (bf16 compute copies of fp32 shards, gradients
+        # reduced in fp32) rather than autocast; on the CPU autocast remains.
+        use_policy = autocast_dtype is not None and device.type == "cuda"
+        self.autocast_dtype = None if use_policy else autocast_dtype
+        policy = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32) if use_policy else MixedPrecisionPolicy()
+        for layer in hf_model.base_model.encoder.layer:
+            if compile:  # per layer, in place (names unchanged), before sharding: hooks stay outside the graphs
+                layer.compile()
+            fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(self.loss_model, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        self.train_module = self.loss_model
+        # The optimizer is built on the sharded (DTensor) parameters, so its state is sharded too.
+        self.optimizer = optimizer_factory(hf_model)
+
+    def forward_backward(self, input_ids, positions, labels, accum, last):
+        # Accumulate unsharded gradients locally; reduce-scatter once, in the last micro-batch's backward.
+        self.loss_model.set_requires_gradient_sync(last)
+        with self._autocast():
+            loss = self.loss_model(input_ids, positions, labels) / accum
+        loss.backward()
+        return loss.detach()
+
+    def step(self, lr, grad_clip):
+        grad_norm = super().step(lr, grad_clip)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids, positions, labels):
+        with self._autocast():  # through the sharded module: every rank takes part in the gathers
+            return self.loss_model(input_ids, positions, labels)
+
+    def export_model(self):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        full = get_model_state_dict(self.loss_model, options=options)  # gathered on the main rank only
+        if not full:
+            return None
+        from transformers import AutoModelForMaskedLM
+
+        prefix = "hf_model."
+        model = AutoModelForMaskedLM.from_config(self.hf_model.config, attn_implementation="sdpa")
+        model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
+        return model
