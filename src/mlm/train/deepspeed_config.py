@@ -1,0 +1,219 @@
+"""Check a user's DeepSpeed JSON against the mlm config and fill its "auto" values.
+
+mlm's config is the single source of truth for the recipe (batch, precision, clipping, optimizer, schedule):
+a DeepSpeed file may restate those settings, but it may not quietly change them, so every "auto" is filled
+from our config and every explicit value that disagrees is refused by name. The training loop keeps its own
+AdamW (no weight decay on biases and LayerNorm weights) and its own schedule (`optim.lr_factor`, applied by
+setting the optimizer's lr every step), so matching `optimizer` and `scheduler` sections are dropped rather
+than handed to DeepSpeed, which would otherwise build a second optimizer or step a second, lagging schedule.
+This module does not import deepspeed: it is an optional extra.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from mlm.config import PretrainConfig
+from mlm.errors import UserError
+
+AUTO = "auto"
+# DeepSpeed prints its own progress line every `steps_per_print` steps; mlm does its own logging.
+QUIET_STEPS_PER_PRINT = 10**12
+STAGE_HINT = (
+    "set zero_optimization.stage to 1 or 2; for ZeRO-3-like sharding use system.strategy=fsdp "
+    "with system.fsdp_reshard_after_forward=true"
+)
+SCHEDULER_PARAMS = ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps", "warmup_type")
+OPTIMIZER_PARAMS = ("lr", "betas", "eps", "weight_decay", "adam_w_mode", "torch_adam")
+
+
+def _show(value: Any) -> str:
+    """A file value as it is written in JSON (true, 16, "log"); strings of ours are shown bare by the caller."""
+    return json.dumps(value)
+
+
+def _same(value: Any, ours: Any) -> bool:
+    """Numbers (and lists of numbers) equal up to float rounding; bools are not numbers here."""
+    if isinstance(ours, (list, tuple)):
+        return (
+            isinstance(value, list)
+            and len(value) == len(ours)
+            and all(_same(v, o) for v, o in zip(value, ours))
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isclose(value, ours, rel_tol=1e-9, abs_tol=1e-12)
+
+
+class _Resolver:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, message: str) -> UserError:
+        return UserError(f"{self.path}: {message}")
+
+    def section(self, ds: dict, dotted: str, key: str, create: bool = False) -> dict | None:
+        """The sub-object ds[key] (made empty if `create` and absent); anything but an object is refused."""
+        if key not in ds:
+            if not create:
+                return None
+            ds[key] = {}
+        if not isinstance(ds[key], dict):
+            raise self.fail(f"{dotted} must be an object, got {_show(ds[key])}")
+        return ds[key]
+
+    def match(self, node: dict, key: str, dotted: str, ours: Any, source: str, fill: bool = True) -> None:
+        """Absent or "auto" → ours (when `fill`); an explicit value must equal ours, which comes from `source`."""
+        value = node.get(key, AUTO)
+        if value == AUTO:
+            if fill:
+                node[key] = list(ours) if isinstance(ours, (list, tuple)) else ours
+        elif not _same(value, ours):
+            raise self.fail(f"{dotted}={_show(value)} contradicts {source}={_show(ours)}")
+
+    def unknown(self, node: dict, allowed: tuple[str, ...], prefix: str) -> None:
+        for key in node:
+            if key not in allowed:
+                raise self.fail(f"{prefix}{key} is not supported by mlm (allowed: {', '.join(allowed)})")
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise UserError(f"DeepSpeed config {path} must hold a JSON object, got {type(ds).__name__}")
+    return ds
+
+
+def _precision(r: _Resolver, ds: dict, cfg: PretrainConfig, device_type: str) -> None:
+    """bf16 or fp32 only; an explicit bf16.enabled must agree with system.precision unless that is auto."""
+    if "bfloat16" in ds:
+        raise r.fail('the "bfloat16" section is DeepSpeed\'s old name: rename it to "bf16"')
+    fp16 = r.section(ds, "fp16", "fp16")
+    if fp16 is not None:
+        if fp16.get("enabled", False) is True:
+            raise r.fail("fp16.enabled=true is not supported: mlm trains in bf16 or fp32 (use bf16.enabled)")
+        if fp16.get("enabled") == AUTO:
+            fp16["enabled"] = False
+    precision = cfg.system.precision
+    bf16 = r.section(ds, "bf16", "bf16", create=True)
+    assert bf16 is not None
+    enabled = bf16.get("enabled", AUTO)
+    if enabled == AUTO:
+        bf16["enabled"] = precision == "bf16" or (precision == "auto" and device_type == "cuda")
+    elif not isinstance(enabled, bool):
+        raise r.fail(f"bf16.enabled must be true, false or \"auto\", got {_show(enabled)}")
+    elif (enabled and precision == "fp32") or (not enabled and precision == "bf16"):
+        raise r.fail(f"bf16.enabled={_show(enabled)} contradicts system.precision={precision}")
+
+
+def _zero_stage(r: _Resolver, ds: dict) -> None:
+    zero = r.section(ds, "zero_optimization", "zero_optimization")
+    if zero is None or "stage" not in zero:
+        raise r.fail(f"zero_optimization.stage is missing: {STAGE_HINT}")
+    stage = zero["stage"]
+    if isinstance(stage, bool) or stage not in (1, 2):
+        raise r.fail(f"zero_optimization.stage={_show(stage)} is not supported: {STAGE_HINT}")
+
+
+def _scheduler(r: _Resolver, ds: dict, cfg: PretrainConfig) -> None:
+    """A scheduler must describe our linear warm-up / linear decay; it is then dropped (we set the lr)."""
+    sched = r.section(ds, "scheduler", "scheduler")
+    if sched is None:
+        return
+    r.unknown(sched, ("type", "params"), "scheduler.")
+    if sched.get("type") != "WarmupDecayLR":
+        raise r.fail(
+            f"scheduler.type={_show(sched.get('type'))} is not supported: mlm applies its own linear warm-up "
+            'and linear decay; use "WarmupDecayLR" with "auto" params, or remove the scheduler'
+        )
+    params = r.section(sched, "scheduler.params", "params", create=True)
+    assert params is not None
+    r.unknown(params, SCHEDULER_PARAMS, "scheduler.params.")
+    warmup_type = params.get("warmup_type")
+    if warmup_type is None:
+        raise r.fail(
+            "scheduler.params.warmup_type is missing, so DeepSpeed would warm up logarithmically; "
+            'mlm warms up linearly: set it to "linear"'
+        )
+    if warmup_type not in ("linear", AUTO):
+        raise r.fail(f'scheduler.params.warmup_type={_show(warmup_type)} contradicts mlm\'s linear warm-up')
+    t = cfg.train
+    r.match(params, "warmup_min_lr", "scheduler.params.warmup_min_lr", 0.0, "mlm's warm-up start lr", fill=False)
+    r.match(params, "warmup_max_lr", "scheduler.params.warmup_max_lr", t.lr, "train.lr", fill=False)
+    r.match(params, "warmup_num_steps", "scheduler.params.warmup_num_steps", t.warmup_steps, "train.warmup_steps",
+            fill=False)
+    r.match(params, "total_num_steps", "scheduler.params.total_num_steps", t.steps, "train.steps", fill=False)
+    del ds["scheduler"]
+
+
+def _optimizer(r: _Resolver, ds: dict, cfg: PretrainConfig) -> None:
+    """An Adam/AdamW section must describe our AdamW; it is then dropped (we pass our own AdamW)."""
+    opt = r.section(ds, "optimizer", "optimizer")
+    if opt is None:
+        return
+    r.unknown(opt, ("type", "params"), "optimizer.")
+    kind = opt.get("type")
+    if not isinstance(kind, str) or kind.lower() not in ("adam", "adamw"):
+        raise r.fail(
+            f"optimizer.type={_show(kind)} is not supported: mlm trains with its own AdamW "
+            "(remove the optimizer section)"
+        )
+    params = r.section(opt, "optimizer.params", "params", create=True)
+    assert params is not None
+    r.unknown(params, OPTIMIZER_PARAMS, "optimizer.params.")
+    t = cfg.train
+    for key, ours in (("lr", t.lr), ("betas", t.betas), ("eps", t.eps), ("weight_decay", t.weight_decay)):
+        r.match(params, key, f"optimizer.params.{key}", ours, f"train.{key}", fill=False)
+    if kind.lower() == "adam" and params.get("adam_w_mode", True) is False:
+        raise r.fail(
+            "optimizer.params.adam_w_mode=false means Adam with L2 regularisation, which contradicts "
+            "mlm's AdamW (decoupled weight decay)"
+        )
+    del ds["optimizer"]
+
+
+def _leftover_auto(r: _Resolver, node: Any, dotted: str) -> None:
+    if node == AUTO:
+        raise r.fail(f'{dotted} is "auto" and mlm has no value for it: set it explicitly')
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _leftover_auto(r, value, f"{dotted}.{key}" if dotted else key)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _leftover_auto(r, value, f"{dotted}[{i}]")
+
+
+def resolve_deepspeed_config(path: str | Path, cfg: PretrainConfig, accum: int, device_type: str) -> dict:
+    """The dict for `deepspeed.initialize(config=...)`: the file at `path` with every "auto" filled from `cfg`.
+
+    `accum` is the gradient accumulation steps the trainer computed (global_batch / (micro_batch × world));
+    `device_type` ("cuda" or "cpu") resolves system.precision=auto. Raises UserError, one line naming the file
+    and the dotted key, for an unreadable file, an explicit value that contradicts `cfg`, an "auto" mlm cannot
+    fill, fp16, ZeRO stage 0 or 3, or an optimizer/scheduler that is not ours.
+    """
+    path = Path(path)
+    ds = _read(path)
+    r = _Resolver(path)
+    t = cfg.train
+    r.match(ds, "train_batch_size", "train_batch_size", t.global_batch, "train.global_batch")
+    r.match(ds, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", cfg.system.micro_batch,
+            "system.micro_batch")
+    r.match(ds, "gradient_accumulation_steps", "gradient_accumulation_steps", accum,
+            "train.global_batch/(system.micro_batch*world_size)")
+    r.match(ds, "gradient_clipping", "gradient_clipping", float(t.grad_clip), "train.grad_clip")
+    _precision(r, ds, cfg, device_type)
+    _zero_stage(r, ds)
+    _scheduler(r, ds, cfg)
+    _optimizer(r, ds, cfg)
+    _leftover_auto(r, ds, "")
+    ds.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
