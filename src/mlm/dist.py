@@ -53,6 +53,8 @@ def init(device_kind: str, timeout_s: int = 1800, need_group: bool = False) -> D
         if info.distributed:
             torch_dist.init_process_group(backend=backend, timeout=timeout)
         else:  # one process, no launcher: an in-memory store, no network port
+            # and the variables a launcher would set, for libraries that read them (DeepSpeed)
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
             torch_dist.init_process_group(backend=backend, store=torch_dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         _control_group = torch_dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return info

@@ -65,10 +65,22 @@ class DeepSpeedEngine(Engine):
     def _base_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer.optimizer  # our AdamW inside DeepSpeed's ZeRO optimizer, on flat fp32 partitions
 
+    def _link_optimizer_state(self) -> None:
+        """Point every parameter's fragment at the Adam state of its flat partition. DeepSpeed links them
+        after its first step, but only for the groups stepped by then: with two parameter groups (decay,
+        no decay) the second stays unlinked, so link all of them here."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        zero = self.optimizer
+        for lp_params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(lp_params, flat, zero.optimizer.state)
+
     def state_dict(self) -> dict:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         started = bool(self._base_optimizer().state)  # torch's AdamW creates its state at the first step
+        if started:
+            self._link_optimizer_state()
         model, moments = {}, {key: {} for key in MOMENTS}
         for name, param in self.parameters:  # collectives: every rank walks the same list
             model[name] = safe_get_full_fp32_param(param).cpu()
@@ -87,8 +99,7 @@ class DeepSpeedEngine(Engine):
                 on_device = group.get("fused") or group.get("capturable")
                 step = state["optimizer"]["step"].to(flat.device if on_device else "cpu")
                 base.state[flat] = {"step": step.clone(), **{key: torch.zeros_like(flat) for key in MOMENTS}}
-        # Link each parameter's fragment to the new state (DeepSpeed does this after its first step).
-        self.optimizer._lazy_init_hp_params_optimizer_state()
+        self._link_optimizer_state()
         for name, param in self.parameters:
             safe_set_full_fp32_param(param, state["model"][name].to(self.device))
             for key in MOMENTS:
