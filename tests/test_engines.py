@@ -8,6 +8,7 @@ Dropout is 0: dropout draws differ with the rank count; nothing else may.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -23,6 +24,10 @@ from transformers import AutoModelForMaskedLM
 from mlm.train.metrics import read_metrics
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason='needs the deepspeed extra: pip install -e ".[deepspeed]"'
+)
+DEEPSPEED = pytest.param("deepspeed", marks=needs_deepspeed)
 
 STEPS = 6
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -87,7 +92,7 @@ def assert_same_training(run: Path, reference: Path, steps) -> None:
     assert [lrs[s] for s in steps] == pytest.approx([reference_lrs[s] for s in steps], rel=1e-9)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp", "fsdp-zero3", "deepspeed"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "fsdp-zero3", DEEPSPEED])
 def test_two_ranks_match_one_process_and_resume_on_one(engine, engines, single, data_dirs, tmp_path):
     two = tmp_path / "two"
     result = launch(2, *overrides(data_dirs["roberta"], two), *engines[engine])
@@ -111,7 +116,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(engine, engines, single, 
     assert_same_training(one, single, range(5, STEPS + 1))
 
 
-@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("engine", ["fsdp", DEEPSPEED])
 def test_one_rank_resumes_on_two(engine, engines, single, data_dirs, tmp_path):
     one = tmp_path / "one"
     result = launch(1, *overrides(data_dirs["roberta"], one), *engines[engine])  # a process group of one
@@ -123,6 +128,7 @@ def test_one_rank_resumes_on_two(engine, engines, single, data_dirs, tmp_path):
     assert_same_training(two, single, range(3, STEPS + 1))
 
 
+@needs_deepspeed
 def test_engine_checkpoints_do_not_mix(engines, single, data_dirs, tmp_path):
     """A ddp checkpoint resumes under fsdp (one format, resharded); deepspeed's has its own and is refused."""
     fsdp = tmp_path / "fsdp"
@@ -135,6 +141,7 @@ def test_engine_checkpoints_do_not_mix(engines, single, data_dirs, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@needs_deepspeed
 def test_reference_zero2_file_runs_as_is_in_bf16(single, data_dirs, tmp_path):
     result = launch(2, *overrides(data_dirs["roberta"], tmp_path / "run"), "--system.strategy=deepspeed",
                     "--system.deepspeed_config=configs/deepspeed/zero2.json")
