@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,7 +117,7 @@ def test_two_ranks_match_one_process_and_resume_on_one(engine, engines, single, 
     assert_same_training(one, single, range(5, STEPS + 1))
 
 
-@pytest.mark.parametrize("engine", ["fsdp", DEEPSPEED])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", DEEPSPEED])
 def test_one_rank_resumes_on_two(engine, engines, single, data_dirs, tmp_path):
     one = tmp_path / "one"
     result = launch(1, *overrides(data_dirs["roberta"], one), *engines[engine])  # a process group of one
@@ -130,9 +131,12 @@ def test_one_rank_resumes_on_two(engine, engines, single, data_dirs, tmp_path):
 
 @needs_deepspeed
 def test_engine_checkpoints_do_not_mix(engines, single, data_dirs, tmp_path):
-    """A ddp checkpoint resumes under fsdp (one format, resharded); deepspeed's has its own and is refused."""
+    """A ddp checkpoint resumes under fsdp (one format, resharded), from a folder moved elsewhere; deepspeed's
+    has its own format and is refused."""
+    moved = tmp_path / "moved" / "checkpoint-4"
+    shutil.copytree(single / "checkpoint-4", moved)
     fsdp = tmp_path / "fsdp"
-    result = launch(1, *overrides(data_dirs["roberta"], fsdp), *engines["fsdp"], f"--resume={single / 'checkpoint-4'}")
+    result = launch(1, *overrides(data_dirs["roberta"], fsdp), *engines["fsdp"], f"--resume={moved}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_training(fsdp, single, range(5, STEPS + 1))
     result = launch(1, *overrides(data_dirs["roberta"], tmp_path / "ds"), *engines["deepspeed"], f"--resume={single / 'checkpoint-4'}")

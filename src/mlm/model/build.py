@@ -87,13 +87,17 @@ class MaskedLMLoss(nn.Module):
         # engines that shard or checkpoint by name.
         self.hf_model = hf_model
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T), positions (B, K), labels (B, K) → mean cross-entropy over labelled positions."""
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T), positions (B, K) → the prediction head's logits at those positions (B, K, V)."""
         # Sequences are full windows, never padded, so no attention mask is needed (and SDPA takes its fast path).
         hidden = self.hf_model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, H)
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))  # (B, K, H)
         picked = hidden.gather(1, index)  # (B, K, H)
         # BertForMaskedLM calls its head `cls`, RobertaForMaskedLM `lm_head`; both map (…, H) → (…, V).
         head = self.hf_model.cls if hasattr(self.hf_model, "cls") else self.hf_model.lm_head
-        logits = head(picked)  # (B, K, V)
+        return head(picked)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T), positions (B, K), labels (B, K) → mean cross-entropy over labelled positions."""
+        logits = self.logits(input_ids, positions)  # (B, K, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

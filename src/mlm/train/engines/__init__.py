@@ -16,11 +16,6 @@ from mlm.train.optim import build_optimizer
 DEEPSPEED_MIN = (0, 18, 3)  # 0.17.6–0.18.2 compute wrong ZeRO-2 gradients
 
 
-def resolve_strategy(cfg: PretrainConfig, info: DistInfo) -> str:
-    """system.strategy with auto resolved: ddp (a plain process when there is one rank)."""
-    return "ddp" if cfg.system.strategy == "auto" else cfg.system.strategy
-
-
 def check_deepspeed() -> None:
     """Refuse a missing or known-bad deepspeed before anything is written."""
     try:
