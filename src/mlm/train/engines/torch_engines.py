@@ -23,7 +23,45 @@ from mlm.model.build import MaskedLMLoss
 from mlm.train.engines.base import Engine
 
 
-class DDPEngine(Engine):
+class _TorchEngine(Engine):
+    """What ddp and fsdp share: torch's AdamW stepped at the loop's learning rate, clipping with
+    clip_grad_norm_, autocast, and state dicts by parameter name."""
+
+    loss_model: MaskedLMLoss
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def step(self, lr, grad_clip):
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.hf_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Over sharded (DTensor) parameters the norm is a DTensor: the loop wants a plain tensor.
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids, positions, labels):
+        # The uncompiled module (evaluation shapes would recompile a compiled one); under fsdp every rank
+        # takes part in its gathers.
+        with self._autocast():
+            return self.loss_model(input_ids, positions, labels)
+
+    def state_dict(self):
+        model, optimizer = get_state_dict(self.loss_model, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def load_state_dict(self, state):
+        set_state_dict(self.loss_model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class DDPEngine(_TorchEngine):
     """Replicated weights; with several ranks, DistributedDataParallel all-reduces the gradients once per
     optimizer step (accumulation micro-batches run under no_sync)."""
 
@@ -31,9 +69,8 @@ class DDPEngine(Engine):
 
     def __init__(self, hf_model: nn.Module, optimizer_factory, device: torch.device, distributed: bool,
                  compile: bool, autocast_dtype: torch.dtype | None):
-        self.hf_model, self.device = hf_model, device
+        self.hf_model, self.device, self.autocast_dtype = hf_model, device, autocast_dtype
         self.optimizer = optimizer_factory(hf_model)
-        self.autocast_dtype = autocast_dtype
         self.loss_model = MaskedLMLoss(hf_model)
         self.ddp: nn.parallel.DistributedDataParallel | None = None
         train_module: nn.Module = self.loss_model
@@ -46,11 +83,6 @@ class DDPEngine(Engine):
         # one bucket overlaps the backward of the next (compiling first would hide the hooks from DDP).
         self.train_module = torch.compile(train_module) if compile else train_module
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
     def forward_backward(self, input_ids, positions, labels, accum, last):
         sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
         with sync:
@@ -59,32 +91,11 @@ class DDPEngine(Engine):
             loss.backward()
         return loss.detach()
 
-    def step(self, lr, grad_clip):
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.hf_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
-    @torch.no_grad()
-    def eval_loss(self, input_ids, positions, labels):
-        # The plain module: evaluation shapes would recompile a compiled one, and no gradient needs syncing.
-        with self._autocast():
-            return self.loss_model(input_ids, positions, labels)
-
-    def state_dict(self):
-        model, optimizer = get_state_dict(self.loss_model, self.optimizer)
-        return {"model": model, "optimizer": optimizer}
-
-    def load_state_dict(self, state):
-        set_state_dict(self.loss_model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
     def export_model(self):
         return self.hf_model  # every rank holds the full fp32 weights; only the main rank writes them
 
 
-class FSDPEngine(DDPEngine):
+class FSDPEngine(_TorchEngine):
     """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over the ranks; each
     encoder layer is one shard group (gathered just before it runs), the rest (embeddings, the tied
     MLM decoder, the head) is the root group, so the tied word-embedding / decoder weight stays whole in
@@ -98,7 +109,6 @@ class FSDPEngine(DDPEngine):
 
         self.hf_model, self.device = hf_model, device
         self.loss_model = MaskedLMLoss(hf_model)
-        self.ddp = None
         # On a GPU, bf16 runs as FSDP's mixed precision (bf16 compute copies of fp32 shards, gradients
         # reduced in fp32) rather than autocast; on the CPU autocast remains.
         use_policy = autocast_dtype is not None and device.type == "cuda"
@@ -109,7 +119,6 @@ class FSDPEngine(DDPEngine):
                 layer.compile()
             fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=policy)
         fully_shard(self.loss_model, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-        self.train_module = self.loss_model
         # The optimizer is built on the sharded (DTensor) parameters, so its state is sharded too.
         self.optimizer = optimizer_factory(hf_model)
 
@@ -120,15 +129,6 @@ class FSDPEngine(DDPEngine):
             loss = self.loss_model(input_ids, positions, labels) / accum
         loss.backward()
         return loss.detach()
-
-    def step(self, lr, grad_clip):
-        grad_norm = super().step(lr, grad_clip)
-        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-
-    @torch.no_grad()
-    def eval_loss(self, input_ids, positions, labels):
-        with self._autocast():  # through the sharded module: every rank takes part in the gathers
-            return self.loss_model(input_ids, positions, labels)
 
     def export_model(self):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
