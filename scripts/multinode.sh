@@ -5,11 +5,13 @@
 #   NNODES=4 HEAD=node0.example:29500 scripts/multinode.sh configs/roberta-medium.toml \
 #     --system.strategy=deepspeed --system.deepspeed_config=configs/deepspeed/zero2.json
 # On SLURM use scripts/slurm/pretrain.sbatch instead: it also checkpoints and requeues before the time limit.
-# Each node starts one process per GPU; the global batch stays train.global_batch whatever the node count.
+# Each node starts one process per GPU (GPUS_PER_NODE, default: the GPUs torch sees, or 1 process on a CPU
+# node); the global batch stays train.global_batch whatever the node count. HEAD's port is any free port
+# on the first node. data.data_dir and run.out_dir must be on a filesystem every node sees.
 set -euo pipefail
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${HEAD:?set HEAD to host:port of the first node}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-$(nvidia-smi -L | wc -l)}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}"
 exec torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD" --rdzv_id="${RDZV_ID:-mlm}" \
   -m mlm pretrain "$@"

@@ -1,10 +1,11 @@
+import re
 import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from mlm.config import load_config
+from mlm.config import load_config, save_config
 from mlm.errors import UserError
 from mlm.train.metrics import read_metrics
 from mlm.train.pretrain import pretrain
@@ -58,16 +59,19 @@ def test_resume_gives_identical_losses(data_dirs, tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(data_dirs, tmp_path):
-    """micro_batch only changes speed: 1×16 and 2×8 (and 4×4) give the same losses."""
-    runs = {}
+    """micro_batch only changes speed (with dropout 0): 1×16 and 2×8 (and 4×4) give the same training and
+    validation losses."""
+    runs, validation = {}, {}
     for micro in (16, 8, 4):
         cfg = tiny_config(data_dirs["bert"], tmp_path / f"m{micro}", "bert", steps=5)
         cfg.system.micro_batch = micro
         cfg.model.dropout = 0.0
         pretrain(cfg, **QUIET)
         runs[micro] = losses(tmp_path / f"m{micro}")
+        validation[micro] = {m["step"]: m["val_loss"] for m in read_metrics(tmp_path / f"m{micro}") if "val_loss" in m}
     for micro in (8, 4):  # same data, same masks; only the order of float sums differs
         assert runs[micro] == pytest.approx(runs[16], abs=1e-4)
+        assert validation[micro] == pytest.approx(validation[16], abs=1e-5)
 
 
 # ---- bad input: one clear error, nothing half-written ---------------------------------------------
@@ -76,6 +80,10 @@ def test_gradient_accumulation_matches_one_big_batch(data_dirs, tmp_path):
 def test_unknown_key_and_bad_value_are_named(tmp_path):
     with pytest.raises(UserError, match="unknown config key 'train.learning_rate'"):
         load_config(None, ["--train.learning_rate=1e-3"])
+    with pytest.raises(UserError, match=r"unknown config key 'train.lrr' \(did you mean train.lr\?\)"):
+        load_config(None, ["--train.lrr=1e-3"])
+    with pytest.raises(UserError, match=r"unknown config key 'trian' \(did you mean train\?\)"):
+        load_config(None, ["--trian.lr=1e-3"])
     with pytest.raises(UserError, match="train.steps: expected int, got 'many'"):
         load_config(None, ["--train.steps=many"])
     with pytest.raises(UserError, match="model.size: unknown size .huge."):
@@ -125,7 +133,7 @@ def test_corpus_too_small_for_one_sequence(tmp_path, tokenizer_dirs):
 
 def test_resume_without_checkpoint(data_dirs, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="holds no checkpoint"):
+    with pytest.raises(UserError, match="holds no checkpoint yet .*start without --resume, or use --resume=auto"):
         pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run"), resume=str(tmp_path / "empty"), **QUIET)
 
 
@@ -134,7 +142,7 @@ def test_out_dir_holding_a_different_run(data_dirs, tmp_path):
     before = sorted(p.name for p in (tmp_path / "run").iterdir())
     other = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10)
     other.train.lr = 1e-4
-    with pytest.raises(UserError, match=r"already holds a different run \(differs in train.lr\)"):
+    with pytest.raises(UserError, match=r"already holds a different run \(differs in train.lr\).*--model.init_from=.*checkpoint-10"):
         pretrain(other, **QUIET)
     with pytest.raises(UserError, match="pass --resume"):
         pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10), **QUIET)
@@ -216,3 +224,95 @@ def test_second_phase_from_first_phase_weights(data_dirs, tmp_path):
     too_long.model.init_from = str(tmp_path / "phase1" / "checkpoint-10")  # made with 64 positions
     with pytest.raises(UserError, match="longer than the model's 64 positions"):
         pretrain(too_long, **QUIET)
+
+
+# ---- a run folder never leaves the user at a dead end ------------------------------------------------
+
+
+def test_extending_a_finished_run_names_the_way(data_dirs, tmp_path):
+    pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10), **QUIET)
+    longer = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=20)
+    with pytest.raises(UserError, match=r"another length \(differs in train.steps\).*fresh schedule: "
+                                        r"--model.init_from=.*checkpoint-10 --run.out_dir=NEW_FOLDER"):
+        pretrain(longer, resume="latest", **QUIET)
+    # The way it names works.
+    longer.run.out_dir, longer.model.init_from = str(tmp_path / "more"), str(tmp_path / "run" / "checkpoint-10")
+    pretrain(longer, **QUIET)
+    assert (tmp_path / "more" / "checkpoint-20").is_dir()
+
+
+def test_a_run_stopped_before_its_first_checkpoint(data_dirs, tmp_path):
+    """Its folder holds config.json and metrics but no checkpoint: the same run starts over in it, --resume
+    says to start without it, and another run is told to delete the folder or choose another."""
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10)
+    cfg.run.checkpoint_every = 1000
+    (tmp_path / "run").mkdir()
+    save_config(cfg, tmp_path / "run" / "config.json")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "val_loss": 9.9}\n{"step": 1, "loss": 9.9}\n')
+    with pytest.raises(UserError, match="holds no checkpoint yet .*start without --resume"):
+        pretrain(cfg, resume="latest", **QUIET)
+    other = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10)
+    other.train.lr = 1e-4
+    with pytest.raises(UserError, match=r"stopped before its first checkpoint: delete that folder \(rm -r .*run\)"):
+        pretrain(other, **QUIET)
+    pretrain(cfg, **QUIET)  # starts over: the earlier records are gone, none repeated
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 11))
+    assert [m["step"] for m in read_metrics(tmp_path / "run") if "val_loss" in m] == [0, 10]
+
+
+def test_resume_from_another_run_must_be_explicit(data_dirs, tmp_path):
+    pretrain(tiny_config(data_dirs["roberta"], tmp_path / "a", steps=10), **QUIET)
+    other = tiny_config(data_dirs["roberta"], tmp_path / "b", steps=10)
+    other.train.lr = 1e-4
+    with pytest.raises(UserError, match=r"checkpoint-10 belongs to the run in .*a, which differs from this one "
+                                        r"\(run.out_dir=.*b\) in train.lr.*--model.init_from="):
+        pretrain(other, resume=str(tmp_path / "a" / "checkpoint-10"), **QUIET)
+    assert not (tmp_path / "b").exists()
+    # A checkpoint folder moved away from its run is checked against the model it holds.
+    shutil.copytree(tmp_path / "a" / "checkpoint-10", tmp_path / "moved" / "checkpoint-10")
+    no_dropout = tiny_config(data_dirs["roberta"], tmp_path / "c", steps=10)
+    no_dropout.model.dropout = 0.0
+    with pytest.raises(UserError, match=r"model in .*checkpoint-10 is not the configured one \(hidden_dropout_prob "
+                                        r"0.1 vs 0.0; attention_probs_dropout_prob 0.1 vs 0.0"):
+        pretrain(no_dropout, resume=str(tmp_path / "moved" / "checkpoint-10"), **QUIET)
+
+
+def test_plain_progress_lines_without_a_terminal(data_dirs, tmp_path):
+    lines = []
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=20)
+    cfg.run.progress, cfg.run.log_every = True, 10  # pytest's captured stdout is not a terminal
+    pretrain(cfg, log=lines.append)
+    steps = [line for line in lines if line.startswith("step ") and "| loss" in line]
+    assert [line.split(" |")[0] for line in steps] == ["step 10/20", "step 20/20"]
+    assert re.fullmatch(r"step 10/20 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tokens/s \| ETA \d+:\d\d:\d\d", steps[0])
+    assert "step 10: validation loss" in " ".join(lines)
+
+
+def test_a_recipe_far_too_long_for_its_data_is_warned(data_dirs, tmp_path):
+    from mlm import dist
+    from mlm.train.pretrain import setup
+
+    lines = []
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=5000)  # 5000 × 16 / 1175 sequences
+    cfg.train.warmup_steps = 10
+    try:
+        setup(cfg, log=lines.append)
+    finally:
+        dist.cleanup()
+    assert any(re.search(r"warning: 5,000 steps of 16 sequences see the training data [\d.]+ times", line) for line in lines)
+
+
+def test_pretrain_help_lists_every_setting(capsys):
+    import dataclasses
+
+    from mlm.cli import main
+    from mlm.config import PretrainConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for section in dataclasses.fields(PretrainConfig):
+        for f in dataclasses.fields(getattr(PretrainConfig(), section.name)):
+            assert f"--{section.name}.{f.name}=" in text
+    assert "--train.lr=0.001\n      Peak learning rate." in text

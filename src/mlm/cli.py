@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlm.config import settings_help
 from mlm.errors import UserError
 
 
 # ---- tokenizer, prepare, pretrain, demo ------------------------------------------------------
 def _add_tokenizer(subparsers) -> None:
-    p = subparsers.add_parser("tokenizer", help="train a tokenizer on a corpus, or copy an existing one")
+    p = subparsers.add_parser(
+        "tokenizer", help="train a tokenizer on a corpus, or copy an existing one",
+        description="Train a byte-level BPE (RoBERTa) or uncased WordPiece (BERT) tokenizer on a corpus, or copy "
+        "an existing one (--from), into a folder that AutoTokenizer.from_pretrained loads.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--corpus", nargs="+", default=[], help="files, folders, globs, hf:NAME[:CONFIG], or demo")
     p.add_argument("--family", default="roberta", help="roberta (byte-level BPE) or bert (uncased WordPiece)")
-    p.add_argument("--vocab-size", type=int, default=32_000)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=32_000, help="tokens in the vocabulary, special tokens included")
+    p.add_argument("--min-frequency", type=int, default=2, help="ignore merges / words seen fewer times than this")
     p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
     p.add_argument("--from", dest="from_name", default="", help="copy this tokenizer (hub name or directory) instead")
     p.add_argument("--out", required=True, help="tokenizer directory to write")
@@ -28,13 +34,18 @@ def _run_tokenizer(args: argparse.Namespace) -> None:
 
 
 def _add_prepare(subparsers) -> None:
-    p = subparsers.add_parser("prepare", help="tokenize a corpus into memory-mapped token shards")
+    p = subparsers.add_parser(
+        "prepare", help="tokenize a corpus into memory-mapped token shards",
+        description="Tokenize a corpus once, in parallel, into memory-mapped token shards (train + validation) "
+        "and manifest.json; mlm pretrain reads them and cuts sequences of any length.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--corpus", nargs="+", required=True, help="files, folders, globs, hf:NAME[:CONFIG], or demo")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name")
     p.add_argument("--out", required=True, help="data directory to write")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores - 1)")
-    p.add_argument("--text-field", default="text")
+    p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
     p.add_argument("--hf-split", default="train", help="split of a hub dataset")
     p.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
     p.set_defaults(func=_run_prepare)
@@ -61,7 +72,9 @@ def _add_pretrain(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain",
         help="pretrain a masked language model",
-        description="Pretrain from a TOML recipe; any key can be overridden as --section.key=value.",
+        description="Pretrain from a TOML recipe; any setting below can be overridden as --section.key=value.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=settings_help(),
     )
     p.add_argument("config", nargs="?", help="TOML recipe (e.g. configs/roberta-medium.toml); defaults if omitted")
     p.add_argument(
@@ -82,7 +95,12 @@ def _run_pretrain(args: argparse.Namespace) -> None:
 
 
 def _add_demo(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="the whole chain on the embedded BBC News corpus, offline, on CPU")
+    p = subparsers.add_parser(
+        "demo", help="the whole chain on the embedded BBC News corpus, offline, on CPU",
+        description="Tokenizer, prepare, pretrain a tiny RoBERTa, fill-mask examples and a topic fine-tune "
+        "(pretrained vs random initialisation) on the BBC News corpus shipped with the package, offline, on CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--out", default="runs/demo", help="demo folder (tokenizer, data, run, report)")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the demo recipe's)")
     p.set_defaults(func=_run_demo)

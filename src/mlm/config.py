@@ -7,9 +7,13 @@ Defaults are the reference recipe: RoBERTa-medium, 30k steps of 8,192 × 512 tok
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import inspect
 import json
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +169,8 @@ class RunConfig:
     keep_checkpoints: int = 0
     """Keep only the newest N checkpoints; 0 keeps all."""
     progress: bool = True
-    """Show a progress bar."""
+    """A progress bar on a terminal; when false, or when the output is not a terminal (a log file under
+    SLURM or nohup), one plain line every log_every steps (step, loss, lr, tokens/s, ETA) instead."""
     wandb: bool = False
     """Also log to Weights & Biases (needs the wandb package)."""
     wandb_project: str = "mlm"
@@ -250,7 +255,7 @@ def _build(cls, values: dict, prefix: str):
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise UserError(f"unknown config key {dotted!r}")
+            raise UserError(f"unknown config key {dotted!r}{_suggestion(key, names, prefix)}")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
@@ -259,6 +264,45 @@ def _build(cls, values: dict, prefix: str):
         else:
             kwargs[key] = _coerce(value, hint, dotted)
     return cls(**kwargs)
+
+
+def _suggestion(key: str, names: set[str], prefix: str) -> str:
+    """ " (did you mean train.lr?)" for a typo, else the valid keys of that section."""
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    return f" (valid: {', '.join(prefix + n for n in sorted(names))}; see mlm pretrain --help)"
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a config dataclass (Python keeps none at run time: read the source)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for field_node, doc_node in zip(body, body[1:]):
+        if (
+            isinstance(field_node, ast.AnnAssign)
+            and isinstance(doc_node, ast.Expr)
+            and isinstance(doc_node.value, ast.Constant)
+            and isinstance(doc_node.value.value, str)
+        ):
+            docs[field_node.target.id] = " ".join(doc_node.value.value.split())
+    return docs
+
+
+def settings_help() -> str:
+    """Every setting as `--section.key=default  meaning`, for `mlm pretrain --help`."""
+    lines = ["settings (override any as --section.key=value; TOML syntax for the value):"]
+    defaults = PretrainConfig()
+    for section in dataclasses.fields(PretrainConfig):
+        section_cls = typing.get_type_hints(PretrainConfig)[section.name]
+        docs = field_docs(section_cls)
+        lines.append("")
+        for f in dataclasses.fields(section_cls):
+            value = getattr(getattr(defaults, section.name), f.name)
+            shown = json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+            lines.append(f"  --{section.name}.{f.name}={shown}")
+            lines.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

@@ -49,7 +49,10 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     found = checkpoint_dirs(path)
     if not found:
-        raise UserError(f"--resume: {path} holds no checkpoint (no checkpoint-<step>/{STATE_FILE})")
+        raise UserError(
+            f"--resume: {path} holds no checkpoint yet (no checkpoint-<step>/{STATE_FILE}): start without --resume, "
+            "or use --resume=auto, which continues from a checkpoint when there is one and starts otherwise"
+        )
     return found[-1]
 
 

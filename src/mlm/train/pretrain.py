@@ -10,9 +10,11 @@ asks which one it has.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.util
 import json
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +45,8 @@ from mlm.train.metrics import MetricsLogger
 from mlm.train.optim import lr_factor
 
 CONFIG_FILE = "config.json"
+MANY_EPOCHS = 50  # warn above this many passes over the data: likely a corpus far too small for the recipe
+LONG_RUN = datetime.timedelta(days=2)  # warn when the measured speed puts the end further away than this
 
 
 @dataclass
@@ -78,27 +82,80 @@ def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def check_run_dir(run_dir: Path, cfg: PretrainConfig, resuming: bool) -> None:
-    """Refuse to mix two runs in one folder, or to silently restart one that has checkpoints."""
+def recipe_differences(config_path: Path, cfg: PretrainConfig) -> list[str]:
+    """The recipe settings (model, data, train) in which the run recorded at config_path differs from cfg."""
+    try:
+        theirs = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config_path} is not valid JSON ({e}): restore it, or choose another run.out_dir") from None
+    ours = cfg.recipe()
+    return [
+        f"{section}.{key}"
+        for section in ours
+        for key in ours[section]
+        if not isinstance(theirs.get(section), dict) or theirs[section].get(key) != ours[section][key]
+    ]
+
+
+def check_run_dir(run_dir: Path, cfg: PretrainConfig, checkpoint: Path | None) -> None:
+    """Refuse to mix two runs in one folder, or to silently restart one that has checkpoints; every refusal
+    names the way forward."""
     config_path = run_dir / CONFIG_FILE
+    checkpoints = checkpoint_dirs(run_dir)
     if config_path.is_file():
-        theirs = {k: v for k, v in json.loads(config_path.read_text()).items() if k in ("model", "data", "train")}
-        ours = cfg.recipe()
-        if theirs != ours:
-            differ = [
-                f"{section}.{key}"
-                for section in ours
-                for key in ours[section]
-                if theirs.get(section, {}).get(key) != ours[section][key]
-            ]
+        differ = recipe_differences(config_path, cfg)
+        if differ and not checkpoints:
             raise UserError(
-                f"{run_dir} already holds a different run (differs in {', '.join(differ) or 'layout'}): "
-                "choose another run.out_dir"
+                f"{run_dir} holds a different run (differs in {', '.join(differ)}) that stopped before its first "
+                f"checkpoint: delete that folder (rm -r {run_dir}) or choose another run.out_dir"
             )
-        if checkpoint_dirs(run_dir) and not resuming:
-            raise UserError(f"{run_dir} already holds checkpoints of this run: pass --resume to continue it")
+        if differ:
+            from_weights = f"--model.init_from={checkpoints[-1]} --run.out_dir=NEW_FOLDER"
+            if set(differ) <= {"train.steps", "train.warmup_steps"}:
+                raise UserError(
+                    f"{run_dir} is a run of another length (differs in {', '.join(differ)}); its schedule ends at its "
+                    f"own last step. To train on, start a new run from its weights with a fresh schedule: {from_weights}"
+                )
+            raise UserError(
+                f"{run_dir} already holds a different run (differs in {', '.join(differ)}): choose another "
+                f"run.out_dir, or start a new run from its weights with {from_weights}"
+            )
+        if checkpoints and checkpoint is None:
+            raise UserError(
+                f"{run_dir} already holds checkpoints of this run: pass --resume to continue it, or choose another "
+                "run.out_dir to start over"
+            )
     elif run_dir.is_dir() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no mlm run: choose another run.out_dir")
+
+
+def check_foreign_checkpoint(checkpoint: Path, run_dir: Path, cfg: PretrainConfig) -> None:
+    """--resume PATH from another run folder: only a run of the same recipe continues here."""
+    source = checkpoint.resolve().parent
+    if source == run_dir.resolve() or not (source / CONFIG_FILE).is_file():
+        return
+    differ = recipe_differences(source / CONFIG_FILE, cfg)
+    if differ:
+        raise UserError(
+            f"--resume: {checkpoint} belongs to the run in {source}, which differs from this one "
+            f"(run.out_dir={run_dir}) in {', '.join(differ)}: to continue that run, use its config and "
+            f"--run.out_dir={source}; to start this run from its weights, use --model.init_from={checkpoint}"
+        )
+
+
+def check_resumed_model(hf_model: nn.Module, checkpoint: Path, cfg: PretrainConfig, tokenizer) -> None:
+    """The checkpoint's model must be the configured one, or the run's config.json would record another."""
+    expected = hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout)
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "max_position_embeddings",
+            "hidden_dropout_prob", "attention_probs_dropout_prob")
+    differ = [f"{k} {getattr(hf_model.config, k)} vs {getattr(expected, k)}" for k in keys
+              if getattr(hf_model.config, k, None) != getattr(expected, k)]
+    if differ:
+        raise UserError(
+            f"--resume: the model in {checkpoint} is not the configured one ({'; '.join(differ)}, checkpoint vs "
+            f"config): resume with the recipe that made it, or start a new run from its weights with "
+            f"--model.init_from={checkpoint}"
+        )
 
 
 def load_data(cfg: PretrainConfig, manifest: dict, tokenizer) -> tuple[Windows, Windows | None]:
@@ -140,7 +197,9 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         checkpoint = next(reversed(checkpoint_dirs(run_dir)), None)
     else:
         checkpoint = find_checkpoint(run_dir if resume == "latest" else resume) if resume else None
-    check_run_dir(run_dir, cfg, resuming=checkpoint is not None)
+    check_run_dir(run_dir, cfg, checkpoint)
+    if checkpoint is not None:
+        check_foreign_checkpoint(checkpoint, run_dir, cfg)
 
     manifest = read_manifest(cfg.data.data_dir)  # first: the default tokenizer lives in the data folder
     tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.data_dir) / TOKENIZER_SUBDIR)
@@ -167,6 +226,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
 
     if checkpoint is not None:
         hf_model = load_model(checkpoint)
+        check_resumed_model(hf_model, checkpoint, cfg, tokenizer)
     elif cfg.model.init_from:
         hf_model = load_model(cfg.model.init_from)
     else:
@@ -223,9 +283,13 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
 
 
 def _truncate_metrics(run_dir: Path, start_step: int) -> None:
-    """On resume, drop records a crashed run logged after its last checkpoint, so the log has no repeats."""
+    """On resume, drop records a crashed run logged after its last checkpoint, so the log has no repeats;
+    on a fresh start (a run that stopped before its first checkpoint), drop them all."""
     path = run_dir / "metrics.jsonl"
-    if path.is_file():
+    if start_step == 0:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    elif path.is_file():
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
         path.write_text("".join(line + "\n" for line in kept))
 
@@ -248,6 +312,11 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
         f"{cfg.train.steps:,} steps = {epochs:.2f} epochs"
         + (f"; resuming from {checkpoint} at step {s.start_step}" if checkpoint else "")
     )
+    if epochs > MANY_EPOCHS:
+        log(
+            f"warning: {cfg.train.steps:,} steps of {cfg.train.global_batch:,} sequences see the training data "
+            f"{epochs:,.1f} times (the reference recipe: about 40); a larger corpus or fewer train.steps"
+        )
 
 
 def _masking_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
@@ -290,15 +359,16 @@ def evaluate(s: Setup) -> float | None:
     count = min(s.cfg.eval.sequences, s.validation.count)
     ids = torch.linspace(0, s.validation.count - 1, count).long().numpy()
     s.engine.train(False)
-    total, n = torch.zeros((), device=s.device), 0
+    # Masks for the whole evaluation set at once, like training's global batch: the same masks whatever
+    # system.micro_batch (which only chunks the forward passes below).
+    input_ids = torch.from_numpy(s.validation.batch(ids)).to(s.device)  # (count, T)
     gen = _masking_generator(s.device, s.cfg.train.seed, step=-1)  # the same masks at every evaluation
-    for start in range(0, count, s.cfg.system.micro_batch):
-        input_ids = torch.from_numpy(s.validation.batch(ids[start : start + s.cfg.system.micro_batch])).to(s.device)
-        masked, positions, labels = mask_tokens(input_ids, s.masking, gen)
-        total += s.engine.eval_loss(masked, positions, labels).float() * len(input_ids)
-        n += len(input_ids)
+    masked, positions, labels = mask_tokens(input_ids, s.masking, gen)
+    total = torch.zeros((), device=s.device)
+    for chunk in zip(*(t.split(s.cfg.system.micro_batch) for t in (masked, positions, labels))):
+        total += s.engine.eval_loss(*chunk).float() * len(chunk[0])
     s.engine.train(True)
-    return (total / n).item()
+    return (total / count).item()
 
 
 def fit(s: Setup, log=print) -> dict:
@@ -312,12 +382,14 @@ def fit(s: Setup, log=print) -> dict:
     main = s.info.is_main
     logger = MetricsLogger(s.run_dir, cfg.run.wandb, cfg.run.wandb_project, dataclasses.asdict(cfg)) if main else None
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    bar = tqdm(
-        total=cfg.train.steps, initial=s.start_step, disable=not (main and cfg.run.progress), unit="step", dynamic_ncols=True
-    )
+    # A bar on a terminal; in a log file (SLURM, nohup) carriage returns would flood it: plain lines instead.
+    show_bar = main and cfg.run.progress and sys.stdout.isatty()
+    bar = tqdm(total=cfg.train.steps, initial=s.start_step, disable=not show_bar, unit="step", dynamic_ncols=True)
+    say = bar.write if show_bar else (log if main else lambda _: None)
     loss_acc = torch.zeros((), device=s.device)
     steps_in_window, window_start = 0, time.time()
     last_loss = last_val = stopped_by = None
+    windows_logged = 0
     checkpoint = None
     if cfg.eval.every and s.start_step == 0 and s.validation is not None:
         val = evaluate(s)  # the curve starts from the untrained model
@@ -332,26 +404,34 @@ def fit(s: Setup, log=print) -> dict:
             bar.update(1)
             if done % cfg.run.log_every == 0 or done == cfg.train.steps:
                 last_loss = (loss_acc / steps_in_window).item()  # the only host sync of the step loop
-                tokens_per_s = steps_in_window * tokens_per_step / (time.time() - window_start)
+                seconds_per_step = (time.time() - window_start) / steps_in_window
+                tokens_per_s = tokens_per_step / seconds_per_step
                 if main:
                     logger.log(done, loss=last_loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s,
                                **_peak_memory(s.device))
                     bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    eta = datetime.timedelta(seconds=round((cfg.train.steps - done) * seconds_per_step))
+                    windows_logged += 1
+                    if windows_logged == 2 and eta > LONG_RUN:  # the first window includes compilation
+                        say(f"warning: at the measured {tokens_per_s:,.0f} tokens/s this run ends in about {eta}; "
+                            "more GPUs (torchrun), a smaller model.size or fewer train.steps shorten it")
+                    if not show_bar:
+                        say(f"step {done}/{cfg.train.steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
+                            f"{tokens_per_s:,.0f} tokens/s | ETA {eta}")
                 loss_acc.zero_()
                 steps_in_window, window_start = 0, time.time()
             signum = stop.agreed(s.info)
             if signum is not None:
                 stopped_by = signal.Signals(signum).name
                 checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
-                if main:
-                    bar.write(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
-                              "continue with the same command and --resume")
+                say(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
+                    "continue with the same command and --resume")
                 break
             if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
                 last_val = evaluate(s)
                 if main and last_val is not None:
                     logger.log(done, val_loss=last_val)
-                    bar.write(f"step {done}: validation loss {last_val:.4f}")
+                    say(f"step {done}: validation loss {last_val:.4f}")
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
                 checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
                 if main:
