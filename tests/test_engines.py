@@ -195,3 +195,11 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(data_dirs, tmp_path
     resumed, expected = losses(run), losses(unbroken)
     assert sorted(resumed) == list(range(1, steps + 1))
     assert resumed == expected  # exactly: same ranks, same sums, state restored bit for bit
+
+
+def test_a_user_error_under_torchrun_is_said_once(data_dirs, tmp_path):
+    result = launch(2, *overrides(data_dirs["roberta"], tmp_path / "run"), "--system.micro_batch=5")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: train.global_batch=16 is not a multiple of system.micro_batch=5 × 2 rank(s)"]
+    assert not (tmp_path / "run").exists()

@@ -184,7 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from mlm.dist import launched_rank
+
+        if launched_rank() == 0:  # under torchrun every rank fails alike: say it once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -38,6 +38,11 @@ class DistInfo:
 _control_group = None  # a Gloo group for small host-side collectives (the stop flag) beside NCCL
 
 
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (0 when launched plainly), readable before any group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init(device_kind: str, timeout_s: int = 1800, need_group: bool = False) -> DistInfo:
     """Join the process group if launched by torchrun (NCCL for CUDA, Gloo for CPU); with need_group, form
     a group of one when launched plainly. A collective that waits longer than timeout_s fails the job
