@@ -100,7 +100,7 @@ def test_bad_utf8_is_replaced_counted_and_reported(tmp_path, tokenizer_dirs):
     messages = []
     manifest = prepare(PrepareConfig([str(corpus)], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1), log=messages.append)
     assert manifest["bad_utf8"] == 3
-    assert any("replaced 3 invalid UTF-8" in m for m in messages)
+    assert any(f"replaced 3 invalid UTF-8 byte sequence(s) with U+FFFD ({corpus}: 3)" in m for m in messages)
 
 
 @pytest.mark.parametrize(
@@ -128,6 +128,49 @@ def test_bad_jsonl_names_the_line(tmp_path, tokenizer_dirs):
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(UserError, match=r"a.jsonl:2: no 'text' field"):
         prepare(PrepareConfig([str(tmp_path / "a.jsonl")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1), **QUIET)
+
+
+@pytest.mark.parametrize("value, kind", [("null", "null"), ('["a", "list"]', "list"), ("12345", "int")])
+def test_a_jsonl_text_that_is_not_a_string_is_refused(tmp_path, tokenizer_dirs, value, kind):
+    """Never "None", "['a', 'list']" or "12345" in the vocabulary and the data."""
+    (tmp_path / "a.jsonl").write_text(f'{{"text": "ok"}}\n{{"text": {value}}}\n')
+    with pytest.raises(UserError, match=rf"a.jsonl:2: the 'text' field is {kind}, not a string"):
+        prepare(PrepareConfig([str(tmp_path / "a.jsonl")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1), **QUIET)
+    assert not (tmp_path / "d").exists()
+
+
+def test_files_a_corpus_folder_leaves_out_are_named(tmp_path, tokenizer_dirs):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("\n".join(make_documents(50)))
+    (tmp_path / "corpus" / "notes.md").write_text("# notes")
+    (tmp_path / "corpus" / "b.txt.gz").write_bytes(b"\x1f\x8b")
+    messages = []
+    prepare(PrepareConfig([str(tmp_path / "corpus")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1),
+            log=messages.append)
+    assert f"note: {tmp_path / 'corpus'}: skipping 2 file(s) that are not .txt, .jsonl or .parquet: b.txt.gz, notes.md" in messages
+
+
+def test_a_corpus_too_small_for_its_validation_fraction_is_warned(tmp_path, tokenizer_dirs):
+    (tmp_path / "c.txt").write_text("\n".join(make_documents(50)))
+    messages = []
+    manifest = prepare(PrepareConfig([str(tmp_path / "c.txt")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"),
+                                     val_fraction=0.01, workers=1), log=messages.append)
+    assert manifest["splits"]["validation"]["tokens"] == 0
+    assert any("no document went to validation (50 documents × --val-fraction 0.01 < 1)" in m
+               and "use --val-fraction 0.02 or more" in m for m in messages)
+
+
+def test_document_per_file(tmp_path, tokenizer_dirs):
+    (tmp_path / "books").mkdir()
+    for name in ("one", "two"):
+        (tmp_path / "books" / f"{name}.txt").write_text(f"Chapter one of {name}.\n\nIt goes on.\nAnd on.\n")
+    stats = ReadStats()
+    docs = list(iter_documents([str(tmp_path / "books")], stats, document_per_file=True))
+    assert docs == [f"Chapter one of {name}.\n\nIt goes on.\nAnd on." for name in ("one", "two")]
+    assert len(list(iter_documents([str(tmp_path / "books")], ReadStats()))) == 6  # one per line otherwise
+    manifest = prepare(PrepareConfig([str(tmp_path / "books")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"),
+                                     val_fraction=0.0, workers=1, document_per_file=True), **QUIET)
+    assert manifest["documents"] == 2 and manifest["document_per_file"] is True
 
 
 def test_demo_corpus_is_read_from_the_installed_package():

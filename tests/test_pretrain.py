@@ -302,6 +302,24 @@ def test_a_recipe_far_too_long_for_its_data_is_warned(data_dirs, tmp_path):
     assert any(re.search(r"warning: 5,000 steps of 16 sequences see the training data [\d.]+ times", line) for line in lines)
 
 
+def test_no_validation_split_is_warned(tmp_path, tokenizer_dirs):
+    from mlm import dist
+    from mlm.data.prepare import PrepareConfig, prepare
+    from mlm.train.pretrain import setup
+
+    from conftest import make_documents
+
+    (tmp_path / "c.txt").write_text("\n".join(make_documents(300)))
+    prepare(PrepareConfig([str(tmp_path / "c.txt")], str(tokenizer_dirs["roberta"]), str(tmp_path / "d"),
+                          val_fraction=0.0, workers=1), **QUIET)
+    lines = []
+    try:
+        setup(tiny_config(tmp_path / "d", tmp_path / "run"), log=lines.append)
+    finally:
+        dist.cleanup()
+    assert any("has no validation sequence of 32 tokens, so no validation loss will be reported" in line for line in lines)
+
+
 def test_pretrain_help_lists_every_setting(capsys):
     import dataclasses
 

@@ -22,6 +22,8 @@ def _add_tokenizer(subparsers) -> None:
     p.add_argument("--vocab-size", type=int, default=32_000, help="tokens in the vocabulary, special tokens included")
     p.add_argument("--min-frequency", type=int, default=2, help="ignore merges / words seen fewer times than this")
     p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
+    p.add_argument("--document-per-file", action="store_true",
+                   help="each .txt file is one document (a book, an article); default: one document per line")
     p.add_argument("--from", dest="from_name", default="", help="copy this tokenizer (hub name or directory) instead")
     p.add_argument("--out", required=True, help="tokenizer directory to write")
     p.set_defaults(func=_run_tokenizer)
@@ -30,7 +32,8 @@ def _add_tokenizer(subparsers) -> None:
 def _run_tokenizer(args: argparse.Namespace) -> None:
     from mlm.tokenizer import build_tokenizer
 
-    build_tokenizer(args.out, args.corpus, args.family, args.vocab_size, args.min_frequency, args.text_field, args.from_name)
+    build_tokenizer(args.out, args.corpus, args.family, args.vocab_size, args.min_frequency, args.text_field,
+                    args.from_name, document_per_file=args.document_per_file)
 
 
 def _add_prepare(subparsers) -> None:
@@ -47,6 +50,8 @@ def _add_prepare(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores - 1)")
     p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
     p.add_argument("--hf-split", default="train", help="split of a hub dataset")
+    p.add_argument("--document-per-file", action="store_true",
+                   help="each .txt file is one document (a book, an article); default: one document per line")
     p.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
     p.set_defaults(func=_run_prepare)
 
@@ -63,6 +68,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
         text_field=args.text_field,
         hf_split=args.hf_split,
         overwrite=args.overwrite,
+        document_per_file=args.document_per_file,
         **options,
     )
     prepare(cfg)

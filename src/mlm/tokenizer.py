@@ -147,6 +147,7 @@ def build_tokenizer(
     text_field: str = "text",
     from_name: str = "",
     log=print,
+    document_per_file: bool = False,
 ):
     """`mlm tokenizer`: train a tokenizer on a corpus, or copy an existing one (hub name or directory), into out_dir."""
     from mlm.data.corpus import ReadStats, check_sources, iter_documents
@@ -158,10 +159,11 @@ def build_tokenizer(
         return tokenizer
     if not sources:
         raise UserError("give --corpus to train a tokenizer or --from to copy one")
-    check_sources(sources)
+    check_sources(sources, log)
     stats = ReadStats()
-    tokenizer = train_tokenizer(iter_documents(sources, stats, text_field), family, vocab_size, out_dir, min_frequency)
+    documents = iter_documents(sources, stats, text_field, document_per_file=document_per_file)
+    tokenizer = train_tokenizer(documents, family, vocab_size, out_dir, min_frequency)
     if stats.bad_utf8:
-        log(f"warning: replaced {stats.bad_utf8} invalid UTF-8 byte sequence(s) with U+FFFD")
+        log(stats.bad_utf8_warning())
     log(f"trained a {family} tokenizer of {len(tokenizer):,} tokens on {stats.documents:,} documents → {out_dir}")
     return tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -29,13 +29,34 @@ class ReadStats:
     documents: int = 0
     bad_utf8: int = 0
     """Number of invalid UTF-8 byte sequences that were replaced with U+FFFD."""
+    bad_utf8_files: dict[str, int] = field(default_factory=dict)
+    """The same, per file."""
+
+    def bad_utf8_warning(self) -> str | None:
+        """One line naming the files with replaced bytes (the first few), or None when there were none."""
+        if not self.bad_utf8:
+            return None
+        files = sorted(self.bad_utf8_files.items(), key=lambda item: -item[1])
+        named = ", ".join(f"{name}: {count}" for name, count in files[:5]) + (" …" if len(files) > 5 else "")
+        return f"warning: replaced {self.bad_utf8} invalid UTF-8 byte sequence(s) with U+FFFD ({named})"
 
 
-def decode_utf8(raw: bytes, stats: ReadStats) -> str:
+def decode_utf8(raw: bytes, stats: ReadStats, source: str | Path) -> str:
     """Decode, replacing invalid bytes; count only the replacements we made, not U+FFFD already in the text."""
     text = raw.decode("utf-8", errors="replace")
-    stats.bad_utf8 += text.count(_REPLACEMENT) - raw.count(_REPLACEMENT.encode())
+    replaced = text.count(_REPLACEMENT) - raw.count(_REPLACEMENT.encode())
+    if replaced:
+        stats.bad_utf8 += replaced
+        stats.bad_utf8_files[str(source)] = stats.bad_utf8_files.get(str(source), 0) + replaced
     return text
+
+
+def skipped_in_folder(pattern: str) -> list[Path]:
+    """Files of a corpus folder that are not read (not .txt, .jsonl or .parquet), to tell the user."""
+    path = Path(pattern)
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in SUFFIXES and not p.name.startswith("."))
 
 
 def resolve_files(pattern: str) -> list[Path]:
@@ -57,11 +78,16 @@ def resolve_files(pattern: str) -> list[Path]:
     return files
 
 
-def _read_txt(path: Path, stats: ReadStats) -> Iterator[str]:
+def _read_txt(path: Path, stats: ReadStats, document_per_file: bool = False) -> Iterator[str]:
+    if document_per_file:  # a whole book or article per file
+        text = decode_utf8(path.read_bytes(), stats, path).strip()
+        if text:
+            yield text
+        return
     # One document per non-empty line: the layout of Wikipedia and BookCorpus dumps.
     with open(path, "rb") as f:
         for raw in f:
-            text = decode_utf8(raw, stats).strip()
+            text = decode_utf8(raw, stats, path).strip()
             if text:
                 yield text
 
@@ -72,12 +98,16 @@ def _read_jsonl(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(decode_utf8(raw, stats))
+                record = json.loads(decode_utf8(raw, stats, path))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise UserError(f"{path}:{line_no}: no {text_field!r} field")
-            text = str(record[text_field]).strip()
+            text = record[text_field]
+            if not isinstance(text, str):  # never train on "None" or "['a', 'list']"
+                kind = "null" if text is None else type(text).__name__
+                raise UserError(f"{path}:{line_no}: the {text_field!r} field is {kind}, not a string")
+            text = text.strip()
             if text:
                 yield text
 
@@ -132,22 +162,29 @@ def demo_documents(stats: ReadStats | None = None) -> list[tuple[str, str]]:
     for topic_dir in sorted(p for p in demo_dir().iterdir() if p.is_dir()):
         for f in sorted(topic_dir.glob("*.txt")):
             stats.files += 1
-            text = decode_utf8(f.read_bytes(), stats).strip()
+            text = decode_utf8(f.read_bytes(), stats, f).strip()
             if text:
                 docs.append((text, topic_dir.name))
     return docs
 
 
-def check_sources(sources: list[str]) -> None:
-    """Fail early, before any output is written, on sources that cannot be read."""
+def check_sources(sources: list[str], log=print) -> None:
+    """Fail early, before any output is written, on sources that cannot be read; say which files of a
+    corpus folder are left out."""
     if not sources:
         raise UserError("no corpus given")
     for source in sources:
         if source != DEMO_SOURCE and not source.startswith(HF_PREFIX):
             resolve_files(source)
+            skipped = skipped_in_folder(source)
+            if skipped:
+                names = ", ".join(str(p.relative_to(source)) for p in skipped[:5]) + (" …" if len(skipped) > 5 else "")
+                log(f"note: {source}: skipping {len(skipped)} file(s) that are not .txt, .jsonl or .parquet: {names}")
 
 
-def iter_documents(sources: list[str], stats: ReadStats, text_field: str = "text", split: str = "train") -> Iterator[str]:
+def iter_documents(
+    sources: list[str], stats: ReadStats, text_field: str = "text", split: str = "train", document_per_file: bool = False
+) -> Iterator[str]:
     """Yield every document of every source, in order. Callers run `check_sources` first, so that a bad
     source fails before any output is written rather than midway through reading."""
     for source in sources:
@@ -156,17 +193,17 @@ def iter_documents(sources: list[str], stats: ReadStats, text_field: str = "text
         elif source.startswith(HF_PREFIX):
             docs = _read_hf_dataset(source, text_field, split)
         else:
-            docs = _iter_files(resolve_files(source), text_field, stats)
+            docs = _iter_files(resolve_files(source), text_field, stats, document_per_file)
         for doc in docs:
             stats.documents += 1
             yield doc
 
 
-def _iter_files(files: list[Path], text_field: str, stats: ReadStats) -> Iterator[str]:
+def _iter_files(files: list[Path], text_field: str, stats: ReadStats, document_per_file: bool) -> Iterator[str]:
     for path in files:
         stats.files += 1
         if path.suffix == ".txt":
-            yield from _read_txt(path, stats)
+            yield from _read_txt(path, stats, document_per_file)
         elif path.suffix == ".jsonl":
             yield from _read_jsonl(path, text_field, stats)
         else:

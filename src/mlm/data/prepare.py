@@ -54,6 +54,8 @@ class PrepareConfig:
     """Documents sent to a worker at a time."""
     overwrite: bool = False
     """Replace an existing out_dir."""
+    document_per_file: bool = False
+    """Each .txt file is one document (a book, an article) instead of one document per line."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -160,7 +162,7 @@ def _encode_in_order(batches: Iterator[list[str]], tokenizer_json: str, workers:
 
 def prepare(cfg: PrepareConfig, log=print) -> dict:
     """Tokenize the corpus into `cfg.out_dir`; returns the manifest. Writes to a temporary folder, then renames."""
-    check_sources(cfg.sources)
+    check_sources(cfg.sources, log)
     out_dir = Path(cfg.out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
         raise UserError(f"output directory {out_dir} already exists and is not empty (pass --overwrite to replace it)")
@@ -178,7 +180,7 @@ def _write_streams(cfg: PrepareConfig, tokenizer, dtype: np.dtype, out: Path, lo
     writers = {split: ShardWriter(out, split, dtype, cfg.shard_tokens) for split in SPLITS}
     separator = np.array([tokenizer.sep_token_id], dtype=np.uint32)
     start = time.time()
-    docs = iter_documents(cfg.sources, stats, cfg.text_field, cfg.hf_split)
+    docs = iter_documents(cfg.sources, stats, cfg.text_field, cfg.hf_split, cfg.document_per_file)
     batches = _batched(docs, cfg.docs_per_task)
     doc_index = 0
     for encoded in _encode_in_order(batches, str(out / TOKENIZER_SUBDIR / "tokenizer.json"), cfg.workers):
@@ -191,7 +193,13 @@ def _write_streams(cfg: PrepareConfig, tokenizer, dtype: np.dtype, out: Path, lo
     if stats.documents == 0:
         raise UserError(f"the corpus {' '.join(cfg.sources)} is empty: no non-blank document found")
     if stats.bad_utf8:
-        log(f"warning: replaced {stats.bad_utf8} invalid UTF-8 byte sequence(s) with U+FFFD")
+        log(stats.bad_utf8_warning())
+    if cfg.val_fraction > 0 and splits["validation"]["documents"] == 0:
+        log(
+            f"warning: no document went to validation ({stats.documents:,} documents × --val-fraction "
+            f"{cfg.val_fraction} < 1), so pretraining will report no validation loss: use --val-fraction "
+            f"{min(0.5, 1.0 / stats.documents):.3g} or more"
+        )
     elapsed = time.time() - start
     total = sum(s["tokens"] for s in splits.values())
     log(
@@ -210,6 +218,7 @@ def _write_streams(cfg: PrepareConfig, tokenizer, dtype: np.dtype, out: Path, lo
         },
         "sources": cfg.sources,
         "val_fraction": cfg.val_fraction,
+        "document_per_file": cfg.document_per_file,
         "documents": stats.documents,
         "bad_utf8": stats.bad_utf8,
         "splits": splits,

@@ -312,6 +312,11 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
         f"{cfg.train.steps:,} steps = {epochs:.2f} epochs"
         + (f"; resuming from {checkpoint} at step {s.start_step}" if checkpoint else "")
     )
+    if s.validation is None and cfg.eval.every:
+        log(
+            f"warning: {cfg.data.data_dir} has no validation sequence of {cfg.data.seq_len} tokens, so no validation "
+            "loss will be reported: prepare it again with a larger --val-fraction"
+        )
     if epochs > MANY_EPOCHS:
         log(
             f"warning: {cfg.train.steps:,} steps of {cfg.train.global_batch:,} sequences see the training data "
