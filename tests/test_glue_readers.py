@@ -151,3 +151,26 @@ def test_hub_dataset_rows_become_the_same_examples():
         hub_examples(GLUE_TASKS["rte"], mnli, ["validation"])
     with pytest.raises(UserError, match="lacks column"):
         hub_examples(GLUE_TASKS["rte"], mnli, ["train"])
+
+
+@pytest.mark.parametrize("key, value", [("label_names", '"ab"'), ("text_fields", '"text"'), ("metrics", '"accuracy"')])
+def test_task_file_lists_must_be_lists(tmp_path, key, value):
+    """A bare string would be read letter by letter (label_names = "ab" as ['a', 'b'])."""
+    fields = {"name": '"t"', "text_fields": '["text"]', "num_labels": "2", "train": '"a.csv"', "validation": '"b.csv"'}
+    fields[key] = value
+    (tmp_path / "t.toml").write_text("".join(f"{k} = {v}\n" for k, v in fields.items()))
+    with pytest.raises(UserError, match=f"{key} must be a list of strings"):
+        task_from_file(tmp_path / "t.toml")
+
+
+def test_the_readme_task_file_example_is_valid(tmp_path):
+    from pathlib import Path
+
+    readme = Path(__file__).parent.parent / "README.md"
+    block = readme.read_text().split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_task.toml").write_text(block)
+    (tmp_path / "train.csv").write_text("text,label\nshares fell,business\n")
+    (tmp_path / "dev.jsonl").write_text('{"text": "a late goal", "label": "sport"}\n')
+    task = task_from_file(tmp_path / "my_task.toml")
+    assert (task.name, task.text_fields, task.label_names, task.metrics) == (
+        "topics", ("text",), ("business", "sport"), ("accuracy", "macro_f1"))

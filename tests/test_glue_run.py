@@ -44,7 +44,7 @@ def test_model_writes_task_json_and_tables(workspace):
     assert not list(out.glob("*.tmp"))
 
 
-def test_run_scores_every_checkpoint_reuses_results_and_draws_the_curve(workspace):
+def test_run_scores_every_checkpoint_reuses_results_and_draws_the_curve(workspace, capsys):
     run, glue = workspace / "run", workspace / "GLUE"
     # checkpoint-100 was scored earlier "by pretraining"; plant a marker to see that --run reuses it
     main(["glue", "--model", str(run / "checkpoint-100"), "--glue-dir", str(glue), "--tasks", "rte,mrpc", *QUICK])
@@ -63,10 +63,21 @@ def test_run_scores_every_checkpoint_reuses_results_and_draws_the_curve(workspac
     assert rows[0]["RTE-Acc"] == "12.3"  # reused, not recomputed
     assert not (out / "checkpoint-200").exists()  # not asked for
 
-    # other settings: the saved seeds no longer count and are recomputed
-    main(["glue", "--run", str(run), "--steps", "100", "--glue-dir", str(glue), "--tasks", "rte",
-          "--seeds", "1", "--lr", "2e-3", "--max-length", "48", "--no-progress"])
+    # other settings: refused (one line naming the difference), then replaced with --force
+    other = ["glue", "--run", str(run), "--steps", "100", "--glue-dir", str(glue), "--tasks", "rte",
+             "--seeds", "1", "--lr", "2e-3", "--max-length", "48", "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(other)
+    assert exit_info.value.code == 2
+    assert "holds results made with other settings (lr " in capsys.readouterr().err
+    assert json.loads(saved.read_text())["scores"]["validation"]["accuracy"] == 0.123  # untouched
+    main([*other, "--force"])
     assert json.loads(saved.read_text())["scores"]["validation"]["accuracy"] != 0.123
+
+    # a run folder given as --model: named, with the way forward
+    with pytest.raises(SystemExit):
+        main(["glue", "--model", str(run), "--glue-dir", str(glue), "--tasks", "rte"])
+    assert f"--model {run} is a pretraining run folder, not a checkpoint: use --run {run}" in capsys.readouterr().err
 
     # gathering only: all checkpoints with results, nothing computed
     (out / "glue_curve.png").unlink()

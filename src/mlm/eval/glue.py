@@ -214,7 +214,8 @@ def evaluate_task(
 
 
 def _load_saved(path: Path, recipe: dict) -> dict:
-    """Earlier results in `path` if made with the same recipe, else {} (those are recomputed)."""
+    """Earlier results in `path` if made with the same recipe; results of other settings are never silently
+    replaced (another --out keeps both, --force replaces them)."""
     if not path.is_file():
         return {}
     try:
@@ -222,8 +223,12 @@ def _load_saved(path: Path, recipe: dict) -> dict:
     except (OSError, json.JSONDecodeError):
         return {}
     if saved.get("recipe") != recipe:
-        print(f"{path}: saved with other settings; recomputing")
-        return {}
+        theirs = saved.get("recipe") or {}
+        differ = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in recipe.items() if theirs.get(k) != v]
+        raise UserError(
+            f"{path} holds results made with other settings ({'; '.join(differ) or 'unknown'}, saved vs now): "
+            "give another --out to keep both, or --force to replace them"
+        )
     return saved
 
 
@@ -472,6 +477,14 @@ def glue_command(
     for t in task_list:
         task_config(t, FinetuneConfig(), overrides)  # bad values fail now, not after hours of other tasks
     common = dict(glue_dir=glue_dir, seeds=seeds, overrides=overrides, force=force, progress=progress)
+    if model is not None and Path(model).is_dir() and not (Path(model) / "config.json").is_file():
+        found = list_checkpoints(model) if any(Path(model).glob("checkpoint-*")) else []
+        if found:
+            raise UserError(
+                f"--model {model} is a pretraining run folder, not a checkpoint: use --run {model} to score its "
+                f"checkpoints, or --model {found[-1][1]} for the newest one"
+            )
+        raise UserError(f"--model {model} is not a Hugging Face checkpoint (no config.json)")
     if model is not None:
         return [evaluate_model(model, task_list, out, name=name, **common)]
     return evaluate_run(run, task_list, parse_steps(steps), out, gather_only=gather_only, name=name, **common)

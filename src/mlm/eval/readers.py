@@ -202,6 +202,9 @@ def task_from_file(path: str | Path) -> TaskSpec:
     for key in ("name", "text_fields", "train", "validation"):
         if key not in spec:
             raise UserError(f"{path}: missing key {key!r}")
+    for key in ("text_fields", "label_names", "metrics"):  # a bare string would be taken letter by letter
+        if key in spec and not (isinstance(spec[key], list) and all(isinstance(v, str) for v in spec[key])):
+            raise UserError(f"{path}: {key} must be a list of strings, e.g. [\"a\", \"b\"], got {spec[key]!r}")
     label_names = tuple(spec.get("label_names", ()))
     if "num_labels" not in spec and not label_names:
         raise UserError(f"{path}: give num_labels (1 for regression) or label_names")
