@@ -55,3 +55,14 @@ def test_end_to_end_through_the_cli(tmp_path, corpus_file):
 def test_bad_input_one_line(tmp_path, args, fragment):
     assert_one_line_error(mlm(*args, cwd=tmp_path), fragment)
     assert not any(p.name not in ("missing.toml",) for p in tmp_path.iterdir())  # nothing written
+
+
+def test_booleans_have_one_spelling_across_commands():
+    from mlm.cli import build_parser
+
+    parse = build_parser().parse_known_args
+    assert parse(["glue", "--model", "m", "--progress=false"])[0].progress is False
+    assert parse(["glue", "--model", "m", "--no-progress"])[0].progress is False
+    assert parse(["glue", "--model", "m"])[0].progress is True
+    r = mlm("pretrain", "--no-progress", "--train.stepz=3")  # the alias reaches the config, then the typo is named
+    assert r.returncode == 2 and "unknown config key 'train.stepz' (did you mean train.steps?)" in r.stderr

@@ -150,7 +150,9 @@ def _add_glue(subparsers) -> None:
                    help="any fine-tuning setting, for all tasks or one, e.g. --set rte.epochs=10; repeatable")
     p.add_argument("--force", action="store_true", help="recompute results already saved")
     p.add_argument("--gather-only", action="store_true", help="with --run: compute nothing, tabulate and plot saved results")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--progress", type=_boolean, default=True, metavar="true|false",
+                   help="progress bars (as pretrain's --run.progress)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="the same as --progress=false")
     p.set_defaults(func=_run_glue)
 
 
@@ -180,11 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _boolean(text: str) -> bool:
+    """true/false, as TOML and the pretrain settings spell booleans."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args, extra = build_parser().parse_known_args(argv)
     # Only `pretrain` takes free-form --section.key=value overrides; anything unknown elsewhere is an error.
     if args.command == "pretrain":
-        args.overrides = extra
+        # One spelling across commands: glue's --no-progress means --run.progress=false here too.
+        args.overrides = ["--run.progress=false" if item == "--no-progress" else item for item in extra]
     elif extra:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:

@@ -37,6 +37,9 @@ RESULTS_SUBDIR = "glue"
 # ---- small helpers ----------------------------------------------------------------------------
 
 
+SMALL_HIDDEN = 256  # models this narrow or narrower usually need a larger fine-tuning lr than 2e-5
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name, then rename: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +200,9 @@ def evaluate_task(
     todo = [s for s in seeds if s not in done]
     if todo:
         config, train, evals = prepare_task(model_path, task, cfg, glue_dir, {} if cache is None else cache)
+        if getattr(config, "hidden_size", 1024) <= SMALL_HIDDEN and cfg.lr <= 2e-5:
+            print(f"{task.name}: note: lr {cfg.lr:g} is the reference's for a {config.hidden_size}-wide model; small "
+                  "models often stay at chance with it (try --lr 1e-4 or more)")
         result["train_examples"] = len(train)
         result["eval_examples"] = {s: len(e) for s, e in evals.items()}
         for seed in todo:
