@@ -148,7 +148,7 @@ def test_task_of_your_own_runs_through_the_same_code(workspace, tmp_path):
 def test_a_small_model_at_the_reference_lr_gets_a_hint(workspace, capsys):
     args = ["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--glue-dir", str(workspace / "GLUE"),
             "--tasks", "rte", "--seeds", "1", "--epochs", "1", "--max-length", "48", "--no-progress"]
-    main([*args, "--out", str(workspace / "hint")])  # the reference's lr 2e-5 on a 128-wide model
-    assert "rte: note: lr 2e-05 is the reference's for a 128-wide model" in capsys.readouterr().out
+    main([*args, "--out", str(workspace / "hint")])  # the reference's lr 2e-5 on a 32-wide model
+    assert "rte: note: lr 2e-05 (the reference's, for 512-wide models) often leaves a 32-wide model at chance" in capsys.readouterr().out
     main([*args, "--out", str(workspace / "no_hint"), "--lr", "1e-3"])
     assert "note: lr" not in capsys.readouterr().out

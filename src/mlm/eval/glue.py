@@ -201,8 +201,8 @@ def evaluate_task(
     if todo:
         config, train, evals = prepare_task(model_path, task, cfg, glue_dir, {} if cache is None else cache)
         if getattr(config, "hidden_size", 1024) <= SMALL_HIDDEN and cfg.lr <= 2e-5:
-            print(f"{task.name}: note: lr {cfg.lr:g} is the reference's for a {config.hidden_size}-wide model; small "
-                  "models often stay at chance with it (try --lr 1e-4 or more)")
+            print(f"{task.name}: note: lr {cfg.lr:g} (the reference's, for 512-wide models) often leaves a "
+                  f"{config.hidden_size}-wide model at chance: try --lr 1e-4 or more")
         result["train_examples"] = len(train)
         result["eval_examples"] = {s: len(e) for s, e in evals.items()}
         for seed in todo:
