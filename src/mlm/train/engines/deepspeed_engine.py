@@ -51,8 +51,10 @@ class DeepSpeedEngine(Engine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()  # before clipping
-        return torch.as_tensor(float("nan") if norm is None else float(norm))
+        norm = self.engine.get_global_grad_norm()  # before clipping; a device tensor: no host sync here
+        if norm is None:
+            return torch.tensor(float("nan"))
+        return norm.detach() if torch.is_tensor(norm) else torch.tensor(float(norm))
 
     @torch.no_grad()
     def eval_loss(self, input_ids, positions, labels):
