@@ -169,12 +169,13 @@ def _rank_pids(launcher_pid: int) -> dict[int, int]:
 
 def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(data_dirs, tmp_path):
     steps = 100
+    # Dropout on: each rank must get its own dropout stream back for the continuation to be exact.
     unbroken = tmp_path / "unbroken"  # on 2 ranks too: over 100 steps, sums in another order drift apart
-    result = launch(2, *overrides(data_dirs["roberta"], unbroken, steps), "--run.checkpoint_every=1000")
+    result = launch(2, *overrides(data_dirs["roberta"], unbroken, steps), "--run.checkpoint_every=1000", "--model.dropout=0.1")
     assert result.returncode == 0, result.stderr[-3000:]
 
     run = tmp_path / "run"
-    args = [*overrides(data_dirs["roberta"], run, steps), "--run.checkpoint_every=1000"]
+    args = [*overrides(data_dirs["roberta"], run, steps), "--run.checkpoint_every=1000", "--model.dropout=0.1"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlm", "pretrain", *args]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
