@@ -334,3 +334,46 @@ def test_pretrain_help_lists_every_setting(capsys):
         for f in dataclasses.fields(getattr(PretrainConfig(), section.name)):
             assert f"--{section.name}.{f.name}=" in text
     assert "--train.lr=0.001\n      Peak learning rate." in text
+
+
+# ---- never lose work: one process per run folder, no checkpoint of a diverged state ------------------
+
+
+def test_a_second_process_on_a_run_folder_is_refused(data_dirs, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=100000)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mlm", "pretrain", f"--data.data_dir={data_dirs['roberta']}", "--model.size=tiny",
+         "--model.max_positions=64", "--data.seq_len=32", "--train.steps=100000", "--train.global_batch=16",
+         "--train.lr=2e-3", "--train.warmup_steps=3", "--system.micro_batch=8", "--system.device=cpu",
+         "--system.compile=off", f"--run.out_dir={tmp_path / 'run'}", "--run.log_every=1", "--run.checkpoint_every=10",
+         "--run.progress=false", "--eval.every=10", "--eval.sequences=32", "--system.threads=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "checkpoint-10").is_dir() and time.time() < deadline:
+            time.sleep(0.1)
+        before = (tmp_path / "run" / "metrics.jsonl").read_text()
+        with pytest.raises(UserError, match=rf"run is in use by another mlm pretrain \(host \S+, pid {first.pid}\)"):
+            pretrain(cfg, resume="auto", **QUIET)
+        assert (tmp_path / "run" / "metrics.jsonl").read_text().startswith(before)  # nothing truncated
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_diverged_run_stops_without_writing_checkpoints(data_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=40)
+    cfg.train.lr, cfg.train.warmup_steps, cfg.train.grad_clip = 1e6, 0, 0.0
+    cfg.run.checkpoint_every, cfg.run.log_every = 1, 5
+    with pytest.raises(UserError, match=r"training diverged: a NaN or infinite loss or gradient norm by step \d+"):
+        pretrain(cfg, **QUIET)
+    for checkpoint in (tmp_path / "run").glob("checkpoint-*"):  # the ones written before it diverged are sound
+        assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "model.safetensors")).values())

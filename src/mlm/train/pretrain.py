@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from mlm import dist
@@ -42,6 +43,7 @@ from mlm.train.checkpoint import (
 )
 from mlm.train.engines import Engine, build_engine, check_deepspeed
 from mlm.train.metrics import MetricsLogger
+from mlm.train.run_lock import LOCK_FILE, OWNER_FILE, lock_run_dir
 from mlm.train.optim import lr_factor
 
 CONFIG_FILE = "config.json"
@@ -63,6 +65,8 @@ class Setup:
     hf_model: nn.Module
     engine: Engine
     """Model + optimizer wrapped by the chosen engine: the step, evaluation and checkpoints go through it."""
+    run_lock: FileLock | None
+    """The run folder's lock, held by the main rank for the whole run."""
     train: Windows
     validation: Windows | None
     sampler: Sampler
@@ -125,7 +129,7 @@ def check_run_dir(run_dir: Path, cfg: PretrainConfig, checkpoint: Path | None) -
                 f"{run_dir} already holds checkpoints of this run: pass --resume to continue it, or choose another "
                 "run.out_dir to start over"
             )
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
+    elif run_dir.is_dir() and any(p.name not in (LOCK_FILE, OWNER_FILE) for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no mlm run: choose another run.out_dir")
 
 
@@ -246,8 +250,10 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)
     start_step = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else 0
 
+    run_lock = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        run_lock = lock_run_dir(run_dir)  # before anything in the folder changes
         save_config(cfg, run_dir / CONFIG_FILE)
         _truncate_metrics(run_dir, start_step)
         remove_partial_checkpoints(run_dir)
@@ -269,6 +275,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         tokenizer=tokenizer,
         hf_model=hf_model,
         engine=engine,
+        run_lock=run_lock,
         train=train,
         validation=validation,
         sampler=Sampler(train.count, cfg.train.global_batch, cfg.train.seed),
@@ -392,6 +399,7 @@ def fit(s: Setup, log=print) -> dict:
     bar = tqdm(total=cfg.train.steps, initial=s.start_step, disable=not show_bar, unit="step", dynamic_ncols=True)
     say = bar.write if show_bar else (log if main else lambda _: None)
     loss_acc = torch.zeros((), device=s.device)
+    diverged = torch.zeros((), dtype=torch.bool, device=s.device)  # any non-finite loss or norm, kept on the device
     steps_in_window, window_start = 0, time.time()
     last_loss = last_val = stopped_by = None
     windows_logged = 0
@@ -403,6 +411,7 @@ def fit(s: Setup, log=print) -> dict:
     with dist.stop_on_signals() as stop:
         for step in range(s.start_step, cfg.train.steps):
             loss, grad_norm, lr = train_step(s, step)
+            diverged |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm.to(s.device))
             loss_acc += loss
             steps_in_window += 1
             done = step + 1
@@ -425,9 +434,11 @@ def fit(s: Setup, log=print) -> dict:
                             f"{tokens_per_s:,.0f} tokens/s | ETA {eta}")
                 loss_acc.zero_()
                 steps_in_window, window_start = 0, time.time()
+                _stop_if_diverged(s, diverged, done, lr)
             signum = stop.agreed(s.info)
             if signum is not None:
                 stopped_by = signal.Signals(signum).name
+                _stop_if_diverged(s, diverged, done, lr)
                 checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
                 say(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
                     "continue with the same command and --resume")
@@ -438,6 +449,7 @@ def fit(s: Setup, log=print) -> dict:
                     logger.log(done, val_loss=last_val)
                     say(f"step {done}: validation loss {last_val:.4f}")
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
+                _stop_if_diverged(s, diverged, done, lr)  # never a checkpoint of a diverged state
                 checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
                 if main:
                     _maybe_launch_glue(cfg, checkpoint, done)
@@ -452,6 +464,18 @@ def fit(s: Setup, log=print) -> dict:
         "stopped_by": stopped_by,
         "checkpoint": str(checkpoint) if checkpoint else None,
     }
+
+
+def _stop_if_diverged(s: Setup, diverged: torch.Tensor, step: int, lr: float) -> None:
+    """Stop, writing nothing more, once a loss or gradient norm has been NaN or infinite (one host sync:
+    called at logging steps and before checkpoints only)."""
+    if diverged.item():
+        good = checkpoint_dirs(s.run_dir)
+        raise UserError(
+            f"training diverged: a NaN or infinite loss or gradient norm by step {step} (lr {lr:.2e}); no checkpoint "
+            f"was written from it. Lower train.lr or check the data, then "
+            + (f"resume from {good[-1]}" if good else "start again")
+        )
 
 
 def _peak_memory(device: torch.device) -> dict:
@@ -478,6 +502,11 @@ def _maybe_launch_glue(cfg: PretrainConfig, checkpoint: Path, step: int) -> None
 def pretrain(cfg: PretrainConfig, resume: str | None = None, log=print) -> dict:
     """The whole `mlm pretrain` command."""
     try:
-        return fit(setup(cfg, resume, log), log)
+        s = setup(cfg, resume, log)
+        try:
+            return fit(s, log)
+        finally:
+            if s.run_lock is not None:
+                s.run_lock.release()
     finally:
         dist.cleanup()
