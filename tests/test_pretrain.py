@@ -1,3 +1,4 @@
+import json
 import re
 import shutil
 
@@ -377,3 +378,42 @@ def test_a_diverged_run_stops_without_writing_checkpoints(data_dirs, tmp_path):
         pretrain(cfg, **QUIET)
     for checkpoint in (tmp_path / "run").glob("checkpoint-*"):  # the ones written before it diverged are sound
         assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "model.safetensors")).values())
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated weights": (lambda c: _truncate(c / "model.safetensors"), "SafetensorError"),
+    "missing weights": (lambda c: (c / "model.safetensors").unlink(), "model.safetensors is missing"),
+    "empty training state": (lambda c: (c / "training_state.pt").write_bytes(b""), "training_state.pt is empty or cut short"),
+    "truncated training state": (lambda c: _truncate(c / "training_state.pt"), "training_state.pt is empty or cut short|RuntimeError|Unpickling"),
+    "invalid config.json": (lambda c: (c / "config.json").write_text("{oops"), "JSONDecodeError"),
+    "truncated engine shard": (lambda c: _truncate(next((c / "engine").glob("*.distcp"))), r"__0_0.distcp is truncated"),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dirs, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    pretrain(tiny_config(data_dirs["roberta"], run, steps=20), **QUIET)
+    return run
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_named_and_auto_resume_falls_back(damage, finished_run, data_dirs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    for line in ("metrics.jsonl",):  # as if killed at step 20, with the checkpoint write damaged
+        (run / line).write_text("".join(l + "\n" for l in (finished_run / line).read_text().splitlines() if json.loads(l)["step"] <= 20))
+    breaks, message = DAMAGE[damage]
+    breaks(run / "checkpoint-20")
+    cfg = tiny_config(data_dirs["roberta"], run, steps=20)
+    with pytest.raises(UserError, match=rf"--resume: .*checkpoint-20 is damaged \(.*(?:{message}).*\): give an earlier "
+                                        r"checkpoint, or use --resume=auto"):
+        pretrain(cfg, resume="latest", **QUIET)
+    lines = []
+    pretrain(cfg, resume="auto", log=lines.append)
+    assert any(re.search(rf"warning: .*checkpoint-20 is damaged \(.*(?:{message}).*\): skipping it", line) for line in lines)
+    assert losses(run) == losses(finished_run)  # continued from checkpoint-10 exactly as the unbroken run

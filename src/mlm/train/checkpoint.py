@@ -14,6 +14,7 @@ written last and is what marks a checkpoint complete).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,65 @@ def find_checkpoint(path: str | Path) -> Path:
             "or use --resume=auto, which continues from a checkpoint when there is one and starts otherwise"
         )
     return found[-1]
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a missing, unreadable or truncated file), or None. Cheap:
+    headers and sizes are checked, tensors are not read."""
+    from safetensors import safe_open
+    from torch.distributed.checkpoint import FileSystemReader
+
+    for name in ("config.json", "model.safetensors", STATE_FILE, f"{ENGINE_DIR}/.metadata"):
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    try:
+        json.loads((checkpoint / "config.json").read_text())
+        with safe_open(str(checkpoint / "model.safetensors"), "pt"):
+            pass  # the header is checked against the file's size: a truncated file fails here
+        torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        metadata = FileSystemReader(str(checkpoint / ENGINE_DIR)).read_metadata()
+        for item in metadata.storage_data.values():
+            shard = checkpoint / ENGINE_DIR / item.relative_path
+            if shard.stat().st_size < item.offset + item.length:
+                return f"{shard.name} is truncated"
+    except EOFError:  # what torch.load says of an empty or cut-short file
+        return f"{STATE_FILE} is empty or cut short"
+    except FileNotFoundError as e:  # a shard named in the engine's metadata
+        return f"{Path(e.filename).name if e.filename else 'a file'} is missing"
+    except Exception as e:  # json, safetensors, pickle and DCP each raise their own types for a damaged file
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+    return None
+
+
+def newest_good_checkpoint(run_dir: Path, log) -> Path | None:
+    """The newest checkpoint of a run that can be resumed from, naming each damaged one it passes over."""
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        log(f"warning: {checkpoint} is damaged ({problem}): skipping it")
+    return None
+
+
+def check_checkpoint(checkpoint: Path) -> Path:
+    """The checkpoint itself, or a one-line error naming what is wrong with it and the way out."""
+    problem = checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise UserError(
+            f"--resume: {checkpoint} is damaged ({problem}): give an earlier checkpoint, or use --resume=auto, "
+            "which resumes from the newest sound one"
+        )
+    return checkpoint
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file and folder to disk, so a power cut after the rename cannot leave a hollow checkpoint."""
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_file()), *sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
@@ -98,6 +158,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
         tokenizer.save_pretrained(str(tmp))
         state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng}
         torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -35,8 +35,10 @@ from mlm.errors import UserError
 from mlm.model.build import build_model, count_parameters, hf_config, load_model
 from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
 from mlm.train.checkpoint import (
+    check_checkpoint,
     checkpoint_dirs,
     find_checkpoint,
+    newest_good_checkpoint,
     load_training_state,
     remove_partial_checkpoints,
     save_checkpoint,
@@ -198,9 +200,11 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)")
     run_dir = Path(cfg.run.out_dir)
     if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
-        checkpoint = next(reversed(checkpoint_dirs(run_dir)), None)
+        checkpoint = newest_good_checkpoint(run_dir, log if info.is_main else lambda _: None)
     else:
-        checkpoint = find_checkpoint(run_dir if resume == "latest" else resume) if resume else None
+        checkpoint = check_checkpoint(find_checkpoint(run_dir if resume == "latest" else resume)) if resume else None
+    if resume == "auto" and checkpoint is None and checkpoint_dirs(run_dir):
+        raise UserError(f"every checkpoint in {run_dir} is damaged: restore one, or choose another run.out_dir")
     check_run_dir(run_dir, cfg, checkpoint)
     if checkpoint is not None:
         check_foreign_checkpoint(checkpoint, run_dir, cfg)
