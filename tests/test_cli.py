@@ -66,3 +66,31 @@ def test_booleans_have_one_spelling_across_commands():
     assert parse(["glue", "--model", "m"])[0].progress is True
     r = mlm("pretrain", "--no-progress", "--train.stepz=3")  # the alias reaches the config, then the typo is named
     assert r.returncode == 2 and "unknown config key 'train.stepz' (did you mean train.steps?)" in r.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--train.lr=nan", "train.lr must be a finite number, got nan"),
+    ("--train.eps=nan", "train.eps must be a finite number, got nan"),
+    ("--train.seed=-1", "train.seed must be >= 0, got -1"),
+    ("--system.threads=-1", "system.threads must be >= 0"),
+    ('--eval.glue_args="--seeds \\"1"', "eval.glue_args cannot be parsed as command-line flags"),
+])
+def test_config_values_torch_would_reject_later_are_refused_first(override, message, tmp_path):
+    r = mlm("pretrain", override, f"--run.out_dir={tmp_path / 'run'}")
+    assert_one_line_error(r, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_override_with_spaces_is_not_taken_for_a_file():
+    r = mlm("pretrain", "--train.lr 1e-3")
+    assert_one_line_error(r, "bad override '--train.lr 1e-3': use --section.key=value")
+
+
+def test_an_unwritable_output_is_one_line(tmp_path):
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere: use a path below a file instead
+        (tmp_path / "file").write_text("x")
+        r = mlm("tokenizer", "--corpus", "demo", "--vocab-size", "300", "--out", str(tmp_path / "file" / "tok"))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr

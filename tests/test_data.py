@@ -177,3 +177,12 @@ def test_demo_corpus_is_read_from_the_installed_package():
     docs = demo_documents()
     assert len(docs) == 2225
     assert sorted({topic for _, topic in docs}) == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_a_killed_prepare_leaves_nothing_behind_for_long(tmp_path, tokenizer_dirs):
+    (tmp_path / "c.txt").write_text("\n".join(make_documents(50)))
+    stale = tmp_path / ".d.tmpk1ll3d"  # what a prepare killed mid-write leaves
+    stale.mkdir()
+    (stale / "train-00000.bin").write_bytes(b"\0" * 10)
+    prepare(PrepareConfig([str(tmp_path / "c.txt")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "d"]

@@ -1,3 +1,4 @@
+import datetime
 import json
 import re
 import shutil
@@ -390,6 +391,8 @@ DAMAGE = {
     "empty training state": (lambda c: (c / "training_state.pt").write_bytes(b""), "training_state.pt is empty or cut short"),
     "truncated training state": (lambda c: _truncate(c / "training_state.pt"), "training_state.pt is empty or cut short|RuntimeError|Unpickling"),
     "invalid config.json": (lambda c: (c / "config.json").write_text("{oops"), "JSONDecodeError"),
+    "pickled objects": (lambda c: torch.save({"step": datetime.datetime.now()}, c / "training_state.pt"),
+                        "training_state.pt holds objects other than tensors and numbers \\(refused"),
     "truncated engine shard": (lambda c: _truncate(next((c / "engine").glob("*.distcp"))), r"__0_0.distcp is truncated"),
 }
 
@@ -417,3 +420,14 @@ def test_a_damaged_checkpoint_is_named_and_auto_resume_falls_back(damage, finish
     pretrain(cfg, resume="auto", log=lines.append)
     assert any(re.search(rf"warning: .*checkpoint-20 is damaged \(.*(?:{message}).*\): skipping it", line) for line in lines)
     assert losses(run) == losses(finished_run)  # continued from checkpoint-10 exactly as the unbroken run
+
+
+def test_init_from_a_checkpoint_with_custom_code_is_refused(data_dirs, tmp_path):
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "config.json").write_text(json.dumps(
+        {"model_type": "evil", "auto_map": {"AutoModelForMaskedLM": "modeling_evil.EvilForMaskedLM"}}))
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run")
+    cfg.model.init_from = str(tmp_path / "evil")
+    with pytest.raises(UserError, match=r"evil: cannot load it as a BERT/RoBERTa masked LM without running its code"):
+        pretrain(cfg, **QUIET)
+    assert not (tmp_path / "run").exists()

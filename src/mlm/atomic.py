@@ -16,7 +16,10 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
     removed. A crash therefore never leaves a folder under the final name that looks whole but is not."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+    prefix = f".{out_dir.name}.tmp"
+    for stale in out_dir.parent.glob(f"{prefix}*"):  # left by a killed earlier write of the same folder
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder

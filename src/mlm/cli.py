@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from mlm.config import settings_help
@@ -95,7 +97,10 @@ def _run_pretrain(args: argparse.Namespace) -> None:
     from mlm.config import load_config
     from mlm.train.pretrain import pretrain
 
-    summary = pretrain(load_config(args.config, args.overrides), resume=args.resume)
+    config, overrides = args.config, args.overrides
+    if config is not None and config.startswith("--"):  # argparse takes "--key=a b" (a space) for a positional
+        config, overrides = None, [config, *overrides]
+    summary = pretrain(load_config(config, overrides), resume=args.resume)
     if summary["stopped_by"]:  # checkpointed after a signal: SLURM's requeue expects 0, Ctrl-C's convention 130
         sys.exit(130 if summary["stopped_by"] == "SIGINT" else 0)
 
@@ -200,11 +205,32 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except UserError as e:
-        from mlm.dist import launched_rank
-
-        if launched_rank() == 0:  # under torchrun every rank fails alike: say it once
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e), 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a full disk, a read-only or forbidden folder: the user's to fix, so one line
+        if os.environ.get("MLM_DEBUG"):
+            raise
+        _fail(_describe_os_error(e), 2)
+    except Exception as e:  # a bug: one line by default, the traceback with MLM_DEBUG=1
+        if os.environ.get("MLM_DEBUG"):
+            raise
+        _fail(f"unexpected {type(e).__name__}: {e} (a bug in mlm: MLM_DEBUG=1 shows the traceback)", 1)
+
+
+def _fail(message: str, code: int) -> None:
+    from mlm.dist import launched_rank
+
+    if launched_rank() == 0:  # under torchrun every rank fails alike: say it once
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _describe_os_error(e: OSError) -> str:
+    where = f" at {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device{where}; what was there before is kept: free some space and run again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write{where} ({e.strerror}): choose a folder you can write to"
+    return f"{e.strerror or e}{where}"

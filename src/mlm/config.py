@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
+import shlex
 import sys
 import textwrap
 import typing
@@ -105,8 +107,13 @@ class TrainConfig:
         for name in ("steps", "global_batch"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "eps", "weight_decay", "grad_clip"):  # nan compares false to everything: say so
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
+        if self.seed < 0:
+            raise UserError(f"train.seed must be >= 0, got {self.seed}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise UserError(f"train.warmup_steps must be in [0, train.steps], got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -150,6 +157,8 @@ class SystemConfig:
             raise UserError(f"system.dist_timeout_s must be positive, got {self.dist_timeout_s}")
         if self.micro_batch < 1:
             raise UserError(f"system.micro_batch must be positive, got {self.micro_batch}")
+        if self.threads < 0:
+            raise UserError(f"system.threads must be >= 0 (0 keeps PyTorch's default), got {self.threads}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"system.precision: unknown value {self.precision!r} (choose auto, bf16, fp32)")
         if self.compile not in ("auto", "on", "off"):
@@ -202,6 +211,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.every < 0 or self.sequences < 1 or self.glue_every < 0:
             raise UserError("eval.every and eval.glue_every must be >= 0, eval.sequences positive")
+        try:  # checked now, not at the first checkpoint hours later
+            shlex.split(self.glue_args)
+        except ValueError as e:
+            raise UserError(f"eval.glue_args cannot be parsed as command-line flags ({e}): {self.glue_args!r}") from None
 
 
 @dataclass

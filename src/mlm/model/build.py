@@ -63,7 +63,11 @@ def load_model(path: str | Path) -> nn.Module:
 
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
-    return AutoModelForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
+    try:  # never trust_remote_code: a checkpoint is data, never code
+        return AutoModelForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
+    except (ValueError, OSError, KeyError) as e:  # custom code (auto_map), unknown model type, damaged files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot load it as a BERT/RoBERTa masked LM without running its code ({first})") from None
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:

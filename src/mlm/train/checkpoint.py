@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -76,6 +77,8 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             shard = checkpoint / ENGINE_DIR / item.relative_path
             if shard.stat().st_size < item.offset + item.length:
                 return f"{shard.name} is truncated"
+    except pickle.UnpicklingError:  # weights_only refused it: never advise otherwise
+        return f"{STATE_FILE} holds objects other than tensors and numbers (refused: a checkpoint is data, never code)"
     except EOFError:  # what torch.load says of an empty or cut-short file
         return f"{STATE_FILE} is empty or cut short"
     except FileNotFoundError as e:  # a shard named in the engine's metadata
