@@ -86,11 +86,14 @@ def test_an_override_with_spaces_is_not_taken_for_a_file():
     assert_one_line_error(r, "bad override '--train.lr 1e-3': use --section.key=value")
 
 
-def test_an_unwritable_output_is_one_line(tmp_path):
+def test_an_unwritable_output_is_one_line_and_mlm_debug_shows_the_traceback(tmp_path):
     import os
 
-    if os.geteuid() == 0:  # root writes anywhere: use a path below a file instead
-        (tmp_path / "file").write_text("x")
-        r = mlm("tokenizer", "--corpus", "demo", "--vocab-size", "300", "--out", str(tmp_path / "file" / "tok"))
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert "Traceback" not in r.stderr
+    (tmp_path / "file").write_text("x")  # a folder below a file cannot be made, even by root
+    args = ("tokenizer", "--corpus", "demo", "--vocab-size", "300", "--out", str(tmp_path / "file" / "tok"))
+    r = mlm(*args)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert str(tmp_path / "file") in r.stderr and "Traceback" not in r.stderr
+    debug = subprocess.run([sys.executable, "-m", "mlm", *args], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "MLM_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
