@@ -208,7 +208,7 @@ def test_glue_every_scores_checkpoints_in_a_separate_process(data_dirs, tmp_path
     deadline = time.time() + 300
     while not result.is_file() and time.time() < deadline:
         time.sleep(1)
-    assert result.is_file(), (tmp_path / "run" / "glue" / "checkpoint-20" / "glue.log").read_text()
+    assert result.is_file(), (tmp_path / "run" / "glue" / "glue.log").read_text()
     assert "accuracy" in json.dumps(json.loads(result.read_text()))
     assert not (tmp_path / "run" / "glue" / "checkpoint-10").exists()
 
@@ -431,3 +431,35 @@ def test_init_from_a_checkpoint_with_custom_code_is_refused(data_dirs, tmp_path)
     with pytest.raises(UserError, match=r"evil: cannot load it as a BERT/RoBERTa masked LM without running its code"):
         pretrain(cfg, **QUIET)
     assert not (tmp_path / "run").exists()
+
+
+def test_glue_jobs_run_one_at_a_time(tmp_path):
+    """Checkpoints that come while a GLUE job runs wait and go together into the next job; none is lost."""
+    from mlm.train.pretrain import GlueQueue
+
+    class Job:
+        def __init__(self, steps):
+            self.steps, self.done = steps, False
+
+        def poll(self):
+            return 0 if self.done else None
+
+    started = []
+    cfg = load_config(None, ["--eval.glue_every=1", "--run.checkpoint_every=10"])
+    queue = GlueQueue(cfg, tmp_path, launch=lambda steps: started.append(Job(list(steps))) or started[-1])
+    queue.add(10)
+    queue.add(20)
+    queue.add(30)  # the first job still runs: 20 and 30 wait
+    assert [job.steps for job in started] == [[10]]
+    started[0].done = True
+    queue.start_if_idle()
+    assert [job.steps for job in started] == [[10], [20, 30]]
+    queue.add(40)
+    queue.finish()  # training is over: 40 starts now
+    assert [job.steps for job in started] == [[10], [20, 30], [40]]
+    every_other = GlueQueue(load_config(None, ["--eval.glue_every=2", "--run.checkpoint_every=10"]), tmp_path,
+                            launch=lambda steps: started.append(Job(list(steps))) or started[-1])
+    for step in (10, 20, 30, 40):
+        every_other.add(step)
+    every_other.finish()
+    assert [job.steps for job in started[3:]] == [[20], [40]]

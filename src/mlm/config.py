@@ -200,7 +200,8 @@ class EvalConfig:
     sequences: int = 512
     """Validation sequences per evaluation (fewer if the split is smaller)."""
     glue_every: int = 0
-    """Run `mlm glue` on every N-th checkpoint, in a separate process; 0 disables."""
+    """Run `mlm glue` on every N-th checkpoint, in a separate process, one job at a time (checkpoints that
+    come while a job runs go together into the next); 0 disables."""
     glue_tasks: str = "all"
     """GLUE tasks for glue_every (comma-separated names or all)."""
     glue_dir: str = ""

@@ -407,6 +407,7 @@ def fit(s: Setup, log=print) -> dict:
     steps_in_window, window_start = 0, time.time()
     last_loss = last_val = stopped_by = None
     windows_logged = 0
+    glue_jobs = GlueQueue(cfg, s.run_dir)
     checkpoint = None
     if cfg.eval.every and s.start_step == 0 and s.validation is not None:
         val = evaluate(s)  # the curve starts from the untrained model
@@ -439,6 +440,8 @@ def fit(s: Setup, log=print) -> dict:
                 loss_acc.zero_()
                 steps_in_window, window_start = 0, time.time()
                 _stop_if_diverged(s, diverged, done, lr)
+                if main:
+                    glue_jobs.start_if_idle()
             signum = stop.agreed(s.info)
             if signum is not None:
                 stopped_by = signal.Signals(signum).name
@@ -456,8 +459,10 @@ def fit(s: Setup, log=print) -> dict:
                 _stop_if_diverged(s, diverged, done, lr)  # never a checkpoint of a diverged state
                 checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
                 if main:
-                    _maybe_launch_glue(cfg, checkpoint, done)
+                    glue_jobs.add(done)
     bar.close()
+    if main:
+        glue_jobs.finish()
     if logger is not None:
         logger.close()
     return {
@@ -489,18 +494,43 @@ def _peak_memory(device: torch.device) -> dict:
     return {"peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
-def _maybe_launch_glue(cfg: PretrainConfig, checkpoint: Path, step: int) -> None:
-    """Every eval.glue_every-th checkpoint, score it on GLUE in a separate process, so training never waits."""
-    if not cfg.eval.glue_every or (step // cfg.run.checkpoint_every) % cfg.eval.glue_every:
-        return
-    out = checkpoint.parent / "glue" / checkpoint.name
-    out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "mlm", "glue", "--model", str(checkpoint), "--tasks", cfg.eval.glue_tasks]
-    command += ["--out", str(out), "--no-progress", *shlex.split(cfg.eval.glue_args)]
-    if cfg.eval.glue_dir:
-        command += ["--glue-dir", cfg.eval.glue_dir]
-    with open(out / "glue.log", "w") as log_file:
-        subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+class GlueQueue:
+    """eval.glue_every: score checkpoints on GLUE in a separate process while training goes on, one job at a
+    time, so jobs never pile up and slow training; checkpoints that come while a job runs wait, and go
+    together into the next job (`mlm glue --run RUN --steps a,b`). Those still waiting when training ends
+    start then."""
+
+    def __init__(self, cfg: PretrainConfig, run_dir: Path, launch=None):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.launch = launch or self._launch
+        self.pending: list[int] = []
+        self.job = None
+
+    def add(self, step: int) -> None:
+        """A new checkpoint at `step`: queue it if it is one of every eval.glue_every-th."""
+        if self.cfg.eval.glue_every and (step // self.cfg.run.checkpoint_every) % self.cfg.eval.glue_every == 0:
+            self.pending.append(step)
+        self.start_if_idle()
+
+    def start_if_idle(self) -> None:
+        if self.pending and (self.job is None or self.job.poll() is not None):
+            self.job, self.pending = self.launch(self.pending), []
+
+    def finish(self) -> None:
+        """Training is over: what still waits starts now, beside a job that may still run."""
+        if self.pending:
+            self.job, self.pending = self.launch(self.pending), []
+
+    def _launch(self, steps: list[int]) -> subprocess.Popen:
+        cfg = self.cfg
+        out = self.run_dir / "glue"
+        out.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "mlm", "glue", "--run", str(self.run_dir), "--steps", ",".join(map(str, steps))]
+        command += ["--tasks", cfg.eval.glue_tasks, "--no-progress", *shlex.split(cfg.eval.glue_args)]
+        if cfg.eval.glue_dir:
+            command += ["--glue-dir", cfg.eval.glue_dir]
+        with open(out / "glue.log", "a") as log_file:
+            return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, log=print) -> dict:
