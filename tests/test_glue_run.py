@@ -152,3 +152,12 @@ def test_a_small_model_at_the_reference_lr_gets_a_hint(workspace, capsys):
     assert "rte: note: lr 2e-05 (the reference's, for 512-wide models) often leaves a 32-wide model at chance" in capsys.readouterr().out
     main([*args, "--out", str(workspace / "no_hint"), "--lr", "1e-3"])
     assert "note: lr" not in capsys.readouterr().out
+
+
+def test_the_max_length_used_is_saved_beside_the_requested_one(workspace):
+    out = workspace / "capped"
+    main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--glue-dir", str(workspace / "GLUE"),
+          "--tasks", "rte", "--seeds", "1", "--epochs", "1", "--lr", "1e-3", "--max-length", "4096", "--no-progress",
+          "--out", str(out)])
+    saved = json.loads((out / "rte.json").read_text())
+    assert saved["recipe"]["max_length"] == 4096 and saved["max_length_used"] < 4096

@@ -152,7 +152,8 @@ def _tokenizer_fingerprint(tokenizer, model_path: str) -> str:
 
 
 def prepare_task(model_path: str, task: TaskSpec, cfg: FinetuneConfig, glue_dir: str | None, cache: dict):
-    """(model config, tokenized train split, {eval split: tokenized}). Raw data is read once per task and
+    """(model config, tokenized train split, {eval split: tokenized}, the max length used: the requested one
+    capped by the model's positions). Raw data is read once per task and
     tokenized once per (tokenizer, task, length): seeds and the checkpoints of a run share it through `cache`."""
     tokenizer = load_tokenizer(model_path)
     config = load_config(model_path, task)
@@ -175,7 +176,7 @@ def prepare_task(model_path: str, task: TaskSpec, cfg: FinetuneConfig, glue_dir:
         )
         print(f"{task.name}: tokenized in {time.time() - t0:.1f}s")
     train, evals = cache[enc_key]
-    return config, train, evals
+    return config, train, evals, max_length
 
 
 def evaluate_task(
@@ -199,7 +200,8 @@ def evaluate_task(
     }
     todo = [s for s in seeds if s not in done]
     if todo:
-        config, train, evals = prepare_task(model_path, task, cfg, glue_dir, {} if cache is None else cache)
+        config, train, evals, max_length = prepare_task(model_path, task, cfg, glue_dir, {} if cache is None else cache)
+        result["max_length_used"] = max_length  # the recipe keeps the requested one, which decides reuse
         if getattr(config, "hidden_size", 1024) <= SMALL_HIDDEN and cfg.lr <= 2e-5:
             print(f"{task.name}: note: lr {cfg.lr:g} (the reference's, for 512-wide models) often leaves a "
                   f"{config.hidden_size}-wide model at chance: try --lr 1e-4 or more")
