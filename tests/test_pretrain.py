@@ -92,6 +92,12 @@ def test_unknown_key_and_bad_value_are_named(tmp_path):
         load_config(None, ["--model.size=huge"])
     with pytest.raises(UserError, match="model.family: unknown family .gpt."):
         load_config(None, ["--model.family=gpt"])
+    with pytest.raises(UserError, match=r"system.strategy: unknown engine 'zero' \(choose auto, ddp, fsdp, deepspeed\)"):
+        load_config(None, ["--system.strategy=zero"])
+    with pytest.raises(UserError, match="system.strategy=deepspeed needs system.deepspeed_config"):
+        load_config(None, ["--system.strategy=deepspeed"])
+    with pytest.raises(UserError, match="system.deepspeed_config is set but system.strategy=auto"):
+        load_config(None, ["--system.deepspeed_config=configs/deepspeed/zero2.json"])
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nsteps = 10\nwarmup = 3\n")
     with pytest.raises(UserError, match="unknown config key 'train.warmup'"):
