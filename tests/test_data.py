@@ -186,3 +186,24 @@ def test_a_killed_prepare_leaves_nothing_behind_for_long(tmp_path, tokenizer_dir
     (stale / "train-00000.bin").write_bytes(b"\0" * 10)
     prepare(PrepareConfig([str(tmp_path / "c.txt")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1), **QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "d"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("manifest", r"manifest.json is damaged \(not valid JSON"),
+    ("missing shard", r"train-\d+\.bin is missing \([\d,]+ tokens expected\): run `mlm prepare` again"),
+    ("truncated shard", r"train-\d+\.bin is truncated \([\d,]+ tokens expected\): run `mlm prepare` again"),
+])
+def test_damaged_prepared_data_is_named(tmp_path, data_dirs, damage, message):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dirs["roberta"], data)
+    shard = data / read_manifest(data)["splits"]["train"]["shards"][0]["file"]
+    if damage == "manifest":
+        (data / "manifest.json").write_text("{oops")
+    elif damage == "missing shard":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(UserError, match=message):
+        TokenStream(data, "train")

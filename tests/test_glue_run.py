@@ -161,3 +161,14 @@ def test_the_max_length_used_is_saved_beside_the_requested_one(workspace):
           "--out", str(out)])
     saved = json.loads((out / "rte.json").read_text())
     assert saved["recipe"]["max_length"] == 4096 and saved["max_length_used"] < 4096
+
+
+def test_an_unwritable_results_folder_fails_before_fine_tuning(workspace, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")  # a folder below a file cannot be made, even by root
+    with pytest.raises(SystemExit) as exit_info:
+        main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--glue-dir", str(workspace / "GLUE"),
+              "--tasks", "rte", "--out", str(tmp_path / "file" / "out"), *QUICK])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr()
+    assert f"error: cannot write results to {tmp_path / 'file' / 'out'}" in err.err
+    assert "seed" not in err.out  # nothing was fine-tuned

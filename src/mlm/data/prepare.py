@@ -229,7 +229,11 @@ def read_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise UserError(f"{data_dir} holds no prepared data ({MANIFEST} missing): run `mlm prepare` first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged (not valid JSON: {e}): run `mlm prepare` again") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        manifest = manifest if isinstance(manifest, dict) else {}
         raise UserError(f"{path} has format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
     return manifest

@@ -22,13 +22,17 @@ class TokenStream:
 
     def __init__(self, data_dir: str | Path, split: str, manifest: dict | None = None):
         manifest = manifest or read_manifest(data_dir)
-        info = manifest["splits"][split]
-        dtype = np.dtype(manifest["dtype"])
-        self.shards = [
-            np.memmap(Path(data_dir) / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
-            for s in info["shards"]
-            if s["tokens"] > 0
-        ]
+        try:
+            info = manifest["splits"][split]
+            dtype = np.dtype(manifest["dtype"])
+            shards = [(Path(data_dir) / s["file"], int(s["tokens"])) for s in info["shards"] if s["tokens"] > 0]
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{data_dir}/manifest.json is damaged (no {e}): run `mlm prepare` again") from None
+        for path, tokens in shards:  # a missing or cut-short shard would fail deep inside training
+            if not path.is_file() or path.stat().st_size < tokens * dtype.itemsize:
+                state = "missing" if not path.is_file() else "truncated"
+                raise UserError(f"{path} is {state} ({tokens:,} tokens expected): run `mlm prepare` again")
+        self.shards = [np.memmap(path, dtype=dtype, mode="r", shape=(tokens,)) for path, tokens in shards]
         # starts[i] = offset of shard i in the stream; starts[-1] = total length.
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
 

@@ -48,6 +48,17 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_writable(out_dir: Path) -> None:
+    """Fail before hours of fine-tuning, not after them, when the results folder cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write results to {out_dir} ({e.strerror or e}): choose another --out") from None
+
+
 def describe_model(model_path: str) -> tuple[str, int | None]:
     """(name, step): a run's checkpoint-<step> folder gives (run name, step); other folders their name; hub ids themselves."""
     path = Path(model_path)
@@ -280,6 +291,7 @@ def evaluate_model(
     model_name, step = describe_model(model_path)
     name = name or model_name
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
+    check_writable(out_dir)
     base = base or FinetuneConfig()
     overrides = overrides or {}
     for task in tasks:
@@ -418,6 +430,7 @@ def evaluate_run(
     if not gather_only:
         if not checkpoints:
             raise UserError(f"no checkpoint-<step> folders in {run_dir}")
+        check_writable(out)
         cache: dict = {}  # tokenized tasks, shared by all checkpoints of the run
         for step, path in checkpoints:
             print(f"== {name} checkpoint-{step}")
