@@ -73,7 +73,7 @@ def cleanup() -> None:
 
 
 def barrier(info: DistInfo) -> None:
-    if torch_dist.is_initialized():
+    if info.distributed:
         torch_dist.barrier()
 
 

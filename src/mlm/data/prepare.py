@@ -233,7 +233,8 @@ def read_manifest(data_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is damaged (not valid JSON: {e}): run `mlm prepare` again") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        manifest = manifest if isinstance(manifest, dict) else {}
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path} is damaged (not a JSON object): run `mlm prepare` again")
+    if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
     return manifest

@@ -499,7 +499,7 @@ def glue_command(
         task_config(t, FinetuneConfig(), overrides)  # bad values fail now, not after hours of other tasks
     common = dict(glue_dir=glue_dir, seeds=seeds, overrides=overrides, force=force, progress=progress)
     if model is not None and Path(model).is_dir() and not (Path(model) / "config.json").is_file():
-        found = list_checkpoints(model) if any(Path(model).glob("checkpoint-*")) else []
+        found = list_checkpoints(model)
         if found:
             raise UserError(
                 f"--model {model} is a pretraining run folder, not a checkpoint: use --run {model} to score its "

@@ -79,6 +79,17 @@ class _Resolver:
             if key not in allowed:
                 raise self.fail(f"{prefix}{key} is not supported by mlm (allowed: {', '.join(allowed)})")
 
+    def typed_section(self, ds: dict, key: str, allowed_params: tuple[str, ...]) -> tuple[dict, dict] | None:
+        """A {"type": …, "params": {…}} section (scheduler, optimizer) and its params, unknown keys refused;
+        None when the file has no such section."""
+        section = self.section(ds, key, key)
+        if section is None:
+            return None
+        self.unknown(section, ("type", "params"), f"{key}.")
+        params = self.section(section, f"{key}.params", "params", create=True)
+        self.unknown(params, allowed_params, f"{key}.params.")
+        return section, params
+
 
 def _read(path: Path) -> dict:
     if not path.is_file():
@@ -125,18 +136,15 @@ def _zero_stage(r: _Resolver, ds: dict) -> None:
 
 def _scheduler(r: _Resolver, ds: dict, cfg: PretrainConfig) -> None:
     """A scheduler must describe our linear warm-up / linear decay; it is then dropped (we set the lr)."""
-    sched = r.section(ds, "scheduler", "scheduler")
-    if sched is None:
+    found = r.typed_section(ds, "scheduler", SCHEDULER_PARAMS)
+    if found is None:
         return
-    r.unknown(sched, ("type", "params"), "scheduler.")
+    sched, params = found
     if sched.get("type") != "WarmupDecayLR":
         raise r.fail(
             f"scheduler.type={_show(sched.get('type'))} is not supported: mlm applies its own linear warm-up "
             'and linear decay; use "WarmupDecayLR" with "auto" params, or remove the scheduler'
         )
-    params = r.section(sched, "scheduler.params", "params", create=True)
-    assert params is not None
-    r.unknown(params, SCHEDULER_PARAMS, "scheduler.params.")
     warmup_type = params.get("warmup_type")
     if warmup_type is None:
         raise r.fail(
@@ -156,19 +164,16 @@ def _scheduler(r: _Resolver, ds: dict, cfg: PretrainConfig) -> None:
 
 def _optimizer(r: _Resolver, ds: dict, cfg: PretrainConfig) -> None:
     """An Adam/AdamW section must describe our AdamW; it is then dropped (we pass our own AdamW)."""
-    opt = r.section(ds, "optimizer", "optimizer")
-    if opt is None:
+    found = r.typed_section(ds, "optimizer", OPTIMIZER_PARAMS)
+    if found is None:
         return
-    r.unknown(opt, ("type", "params"), "optimizer.")
+    opt, params = found
     kind = opt.get("type")
     if not isinstance(kind, str) or kind.lower() not in ("adam", "adamw"):
         raise r.fail(
             f"optimizer.type={_show(kind)} is not supported: mlm trains with its own AdamW "
             "(remove the optimizer section)"
         )
-    params = r.section(opt, "optimizer.params", "params", create=True)
-    assert params is not None
-    r.unknown(params, OPTIMIZER_PARAMS, "optimizer.params.")
     t = cfg.train
     for key, ours in (("lr", t.lr), ("betas", t.betas), ("eps", t.eps), ("weight_decay", t.weight_decay)):
         r.match(params, key, f"optimizer.params.{key}", ours, f"train.{key}", fill=False)

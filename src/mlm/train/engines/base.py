@@ -14,6 +14,27 @@ import torch
 from torch import nn
 
 
+def hf_model_from_full_state(config, full: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain Hugging Face masked LM (on the CPU) holding `full`, the gathered weights as MaskedLMLoss names
+    them ("hf_model.…"); a tied weight (the MLM decoder is the word embedding) may be listed once."""
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    missing, unexpected = model.load_state_dict({k.removeprefix("hf_model."): v for k, v in full.items()}, strict=False)
+    assert not unexpected and all(k in _tied_keys(model) for k in missing), (missing, unexpected)
+    return model
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that are other names of a parameter already listed under another key."""
+    seen, tied = set(), set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(key)
+        seen.add(id(tensor))
+    return tied
+
+
 class Engine(ABC):
     """Wraps the model and optimizer of one rank. Every method is called by every rank, in the same order."""
 

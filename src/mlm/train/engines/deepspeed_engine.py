@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mlm.model.build import MaskedLMLoss
-from mlm.train.engines.base import Engine
+from mlm.train.engines.base import Engine, hf_model_from_full_state
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam state DeepSpeed partitions (besides the step count)
 
@@ -114,21 +114,4 @@ class DeepSpeedEngine(Engine):
         full = {name: safe_get_full_fp32_param(param).cpu() for name, param in self.parameters}
         if torch.distributed.get_rank() != 0:
             return None
-        from transformers import AutoModelForMaskedLM
-
-        prefix = "hf_model."
-        model = AutoModelForMaskedLM.from_config(self.hf_model.config, attn_implementation="sdpa")
-        missing, unexpected = model.load_state_dict({k[len(prefix):]: v for k, v in full.items()}, strict=False)
-        # Tied weights (the MLM decoder is the word embedding) are listed once among the parameters.
-        assert not unexpected and all(k in _tied_keys(model) for k in missing), (missing, unexpected)
-        return model
-
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    """State-dict keys that are other names of a parameter already listed under another key."""
-    seen, tied = set(), set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            tied.add(key)
-        seen.add(id(tensor))
-    return tied
+        return hf_model_from_full_state(self.hf_model.config, full)

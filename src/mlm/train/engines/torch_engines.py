@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mlm.model.build import MaskedLMLoss
-from mlm.train.engines.base import Engine
+from mlm.train.engines.base import Engine, hf_model_from_full_state
 
 
 class _TorchEngine(Engine):
@@ -133,11 +133,4 @@ class FSDPEngine(_TorchEngine):
     def export_model(self):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.loss_model, options=options)  # gathered on the main rank only
-        if not full:
-            return None
-        from transformers import AutoModelForMaskedLM
-
-        prefix = "hf_model."
-        model = AutoModelForMaskedLM.from_config(self.hf_model.config, attn_implementation="sdpa")
-        model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
-        return model
+        return hf_model_from_full_state(self.hf_model.config, full) if full else None
