@@ -469,3 +469,48 @@ def test_glue_jobs_run_one_at_a_time(tmp_path):
         every_other.add(step)
     every_other.finish()
     assert [job.steps for job in started[3:]] == [[20], [40]]
+
+
+def test_a_token_budget_fixes_the_steps_and_scales_warm_up(data_dirs, tmp_path):
+    # 16 sequences × 32 tokens = 512 tokens per step: 10,000 tokens fit 19 steps; warm-up keeps 3/30 of them.
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=30, budget="1e4 tokens")
+    summary = pretrain(cfg, **QUIET)
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert summary["steps"] == recorded["steps"] == 19 and recorded["warmup_steps"] == 2
+    assert recorded["budget"] == "1e4 tokens"
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 20))
+
+
+def test_a_time_budget_trains_exactly_like_the_steps_it_fixed(data_dirs, tmp_path):
+    """The timing steps are taken back: the budgeted run equals a plain run of the steps it chose, and a
+    resumed budgeted run keeps them."""
+
+    def config(out, **train):
+        cfg = tiny_config(data_dirs["roberta"], tmp_path / out, seed=3, **train)
+        cfg.model.dropout = 0.1  # the dropout stream is set back too
+        cfg.run.checkpoint_every = 10_000  # the last step only
+        return cfg
+
+    logged = []
+    summary = pretrain(config("budget", steps=30, budget="4s"), log=logged.append)
+    steps = summary["steps"]
+    recorded = json.loads((tmp_path / "budget" / "config.json").read_text())["train"]
+    assert recorded["steps"] == steps > 3
+    assert recorded["warmup_steps"] == round(3 * steps / 30)
+    assert any(line.startswith("budget 4s: ") and f"train.steps={steps:,}" in line for line in logged)
+
+    plain = config("plain", steps=steps)
+    plain.train.warmup_steps = recorded["warmup_steps"]
+    pretrain(plain, **QUIET)
+    assert losses(tmp_path / "budget") == losses(tmp_path / "plain")
+
+    # Resuming with the same budget keeps the fixed schedule instead of measuring again.
+    assert pretrain(config("budget", steps=30, budget="4s"), resume="latest", **QUIET)["steps"] == steps
+
+
+def test_bad_and_impossible_budgets_are_one_line(data_dirs, tmp_path):
+    with pytest.raises(UserError, match="train.budget: cannot read '8 parsecs'"):
+        load_config(None, ["--train.budget=8 parsecs"])
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", budget="100 tokens")
+    with pytest.raises(UserError, match="does not fit one step"):
+        pretrain(cfg, **QUIET)

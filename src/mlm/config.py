@@ -13,6 +13,7 @@ import difflib
 import inspect
 import json
 import math
+import re
 import shlex
 import sys
 import textwrap
@@ -102,8 +103,15 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables."""
     seed: int = 0
     """Seeds initialisation, data order and masking."""
+    budget: str = ""
+    """Fit the run into a budget instead of running train.steps: wall time ("90s", "8min", "2h") or tokens
+    ("5e9 tokens"). A time budget is measured on the first steps (then set back, so they cost time, not
+    results) and counts training and evaluation, not the setup before or checkpoint writing. train.steps
+    becomes what fits and train.warmup_steps keeps its share of the run; both are recorded in the run's
+    config.json, and a resumed run keeps them."""
 
     def __post_init__(self) -> None:
+        parse_budget(self.budget)  # refuse a bad budget now
         for name in ("steps", "global_batch"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -120,6 +128,27 @@ class TrainConfig:
             raise UserError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
             raise UserError("train.weight_decay and train.grad_clip must be >= 0, train.eps > 0")
+
+
+BUDGET_UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+
+
+def parse_budget(text: str) -> tuple[float | None, float | None]:
+    """train.budget → (seconds, tokens), one of them None; ("", "") is no budget: (None, None)."""
+    text = text.strip()
+    if not text:
+        return None, None
+    match = re.fullmatch(r"([0-9.eE+]+)\s*(s|sec|min|m|h|tokens?)", text)
+    try:
+        amount = float(match.group(1)) if match else math.nan
+    except ValueError:
+        amount = math.nan
+    if not math.isfinite(amount) or amount <= 0:
+        raise UserError(f'train.budget: cannot read {text!r}: write a time ("90s", "8min", "2h") or tokens ("5e9 tokens")')
+    unit = match.group(2)
+    if unit.startswith("token"):
+        return None, amount
+    return amount * BUDGET_UNITS[unit], None
 
 
 @dataclass

@@ -86,6 +86,15 @@ def mean_across_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def max_across_ranks(values: list[float], info: DistInfo) -> list[float]:
+    """Each value's maximum over all ranks, on every rank (on the host, through the control group)."""
+    if not info.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX, group=_control_group)
+    return tensor.tolist()
+
+
 def gather_to_main(obj: object, info: DistInfo) -> list[object]:
     """Every rank's object, in rank order, on the main rank (other ranks get [])."""
     if not info.distributed:

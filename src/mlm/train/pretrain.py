@@ -27,7 +27,7 @@ from filelock import FileLock
 from torch import nn
 
 from mlm import dist
-from mlm.config import PretrainConfig, save_config
+from mlm.config import PretrainConfig, parse_budget, save_config
 from mlm.data.masking import MaskingSpec, mask_tokens
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, TokenStream, Windows
@@ -199,6 +199,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)")
     run_dir = Path(cfg.run.out_dir)
+    cfg = recorded_budget_fit(cfg, run_dir)
     if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
         checkpoint = newest_good_checkpoint(run_dir, log if info.is_main else lambda _: None)
     else:
@@ -258,10 +259,6 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         run_lock = lock_run_dir(run_dir)  # before anything in the folder changes
-        save_config(cfg, run_dir / CONFIG_FILE)
-        _truncate_metrics(run_dir, start_step)
-        remove_partial_checkpoints(run_dir)
-    dist.barrier(info)
 
     masking = MaskingSpec(
         rate=cfg.data.mask_rate,
@@ -288,9 +285,92 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         start_step=start_step,
         compiled=compiled,
     )
-    if info.is_main:
-        _print_arithmetic(s, checkpoint, log)
+    try:
+        if start_step == 0 and cfg.train.budget and cfg.train.budget != _recorded(run_dir, "budget"):
+            fit_to_budget(s, log if info.is_main else lambda _: None)
+        if info.is_main:
+            save_config(s.cfg, run_dir / CONFIG_FILE)
+            _truncate_metrics(run_dir, start_step)
+            remove_partial_checkpoints(run_dir)
+            _print_arithmetic(s, checkpoint, log)
+        dist.barrier(info)
+    except BaseException:
+        if run_lock is not None:
+            run_lock.release()
+        raise
     return s
+
+
+def _recorded(run_dir: Path, key: str):
+    """train.<key> as recorded in the run folder's config.json (None if there is none)."""
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text())["train"][key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recorded_budget_fit(cfg: PretrainConfig, run_dir: Path) -> PretrainConfig:
+    """A run folder whose run was fitted to this same train.budget keeps the steps and warm-up fixed then,
+    so a resumed (or requeued) run has the schedule it started with."""
+    if not cfg.train.budget or _recorded(run_dir, "budget") != cfg.train.budget:
+        return cfg
+    train = dataclasses.replace(cfg.train, steps=_recorded(run_dir, "steps"), warmup_steps=_recorded(run_dir, "warmup_steps"))
+    return dataclasses.replace(cfg, train=train)
+
+
+def fit_to_budget(s: Setup, log) -> None:
+    """train.budget: set s.cfg.train.steps to what fits the budget, and scale train.warmup_steps by the same
+    ratio so the schedule (warm-up, then decay to 0) ends where the budget does."""
+    cfg = s.cfg
+    seconds, tokens = parse_budget(cfg.train.budget)
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    if tokens is not None:
+        steps = int(tokens // tokens_per_step)
+        how = f"{tokens:,.0f} tokens at {tokens_per_step:,} tokens per step"
+    else:
+        started = time.perf_counter()
+        step_s, eval_s, timed = time_first_steps(s, min_seconds=min(5.0, 0.02 * seconds))
+        remaining = seconds - (time.perf_counter() - started)
+        evals_per_step = eval_s / cfg.eval.every if cfg.eval.every else 0.0
+        # The evaluations at step 0 and at the last step come on top of one every eval.every steps.
+        steps = int((remaining - 2 * eval_s) // (step_s + evals_per_step))
+        how = (f"{remaining:,.0f}s left after timing {timed} steps at {step_s:.3g}s per step"
+               + (f" and {eval_s:.3g}s per evaluation" if eval_s else ""))
+    if steps < 1:
+        raise UserError(f"train.budget={cfg.train.budget} does not fit one step ({how}): give a larger budget")
+    warmup = round(cfg.train.warmup_steps * steps / cfg.train.steps)
+    s.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, warmup_steps=warmup))
+    log(f"budget {cfg.train.budget}: {how} → train.steps={steps:,}, train.warmup_steps={warmup:,}")
+
+
+def time_first_steps(s: Setup, min_seconds: float) -> tuple[float, float, int]:
+    """(seconds per training step, seconds per evaluation, steps timed), measured on real steps that are
+    then taken back: the model, the optimizer and the random streams are set back to where they were, so
+    the run that follows is the one a fixed train.steps would give. The first step (compilation,
+    allocation) is not counted; the slowest rank's figures count."""
+    saved = s.engine.copy_state()
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if s.device.type == "cuda" else None
+    times: list[float] = []
+    started = time.perf_counter()
+    for step in range(50):
+        begin = time.perf_counter()
+        loss, _, _ = train_step(s, step)
+        loss.item()  # wait for the device
+        times.append(time.perf_counter() - begin)
+        if len(times) > 3 and time.perf_counter() - started >= min_seconds:
+            break
+    eval_s = 0.0
+    if s.cfg.eval.every and s.validation is not None:
+        begin = time.perf_counter()
+        evaluate(s)
+        eval_s = time.perf_counter() - begin
+    s.engine.restore_state(saved)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    step_s = sorted(times[1:])[len(times[1:]) // 2]  # the median: robust to a slow outlier
+    step_s, eval_s = dist.max_across_ranks([step_s, eval_s], s.info)
+    return step_s, eval_s, len(times)
 
 
 def _truncate_metrics(run_dir: Path, start_step: int) -> None:

@@ -74,5 +74,25 @@ class Engine(ABC):
         """On the main rank, a plain Hugging Face model holding the full fp32 weights, for the HF export;
         None on the other ranks. A collective: every rank calls it."""
 
+    def copy_state(self) -> object:
+        """An in-memory copy of the model and optimizer state, to take steps back with `restore_state`
+        (train.budget times its first steps this way)."""
+        return _clone(self.state_dict())
+
+    def restore_state(self, saved: object) -> None:
+        """Put back what `copy_state` copied: the next step is the one that followed the copy."""
+        self.load_state_dict(saved)
+
     def train(self, mode: bool = True) -> None:
         self.hf_model.train(mode)
+
+
+def _clone(value):
+    """A deep copy of nested dicts/lists of tensors that shares no storage with the original."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    return value

@@ -8,6 +8,7 @@ checkpoint of either engine loads on any number of ranks and under the other one
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import torch
@@ -56,6 +57,18 @@ class _TorchEngine(Engine):
     def state_dict(self):
         model, optimizer = get_state_dict(self.loss_model, self.optimizer)
         return {"model": model, "optimizer": optimizer}
+
+    def copy_state(self):
+        # Not through state_dict: get_state_dict gives a fresh optimizer its state by taking a step with
+        # zero gradients, which would count one step more in AdamW's bias correction.
+        return [p.detach().clone() for p in self.loss_model.parameters()], copy.deepcopy(self.optimizer.state_dict())
+
+    @torch.no_grad()
+    def restore_state(self, saved):
+        params, optimizer = saved
+        for param, value in zip(self.loss_model.parameters(), params):
+            param.copy_(value)
+        self.optimizer.load_state_dict(optimizer)
 
     def load_state_dict(self, state):
         set_state_dict(self.loss_model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
