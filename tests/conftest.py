@@ -67,7 +67,7 @@ def tiny_config(data_dir: Path, out_dir: Path, family: str = "roberta", steps: i
     return PretrainConfig(
         model=ModelConfig(family=family, size="tiny", max_positions=64),
         data=DataConfig(data_dir=str(data_dir), seq_len=32),
-        train=TrainConfig(steps=steps, global_batch=16, lr=2e-3, warmup_steps=3, **train),
+        train=TrainConfig(**{"steps": steps, "global_batch": 16, "lr": 2e-3, "warmup_steps": min(3, steps), **train}),
         system=SystemConfig(micro_batch=8, device="cpu", compile="off"),
         run=RunConfig(out_dir=str(out_dir), log_every=1, checkpoint_every=10, progress=False),
         eval=EvalConfig(every=10, sequences=32),

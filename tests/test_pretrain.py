@@ -514,3 +514,21 @@ def test_bad_and_impossible_budgets_are_one_line(data_dirs, tmp_path):
     cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", budget="100 tokens")
     with pytest.raises(UserError, match="does not fit one step"):
         pretrain(cfg, **QUIET)
+
+
+def test_a_checkpoint_tokenizer_carries_the_model_length(data_dirs, family, tmp_path):
+    """Plain transformers: truncation=True cuts to the model's positions, and fill-mask takes a text longer
+    than the model (it would index past the position table otherwise)."""
+    from transformers import AutoTokenizer, pipeline
+
+    from conftest import make_documents
+
+    cfg = tiny_config(data_dirs[family], tmp_path / "run", family, steps=2)
+    pretrain(cfg, **QUIET)
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    assert tok.model_max_length == 64  # model.max_positions of tiny_config
+    long_text = f"The cat {tok.mask_token} a red ball. " + " ".join(make_documents(100))
+    assert len(tok(long_text, truncation=True)["input_ids"]) == 64
+    fill = pipeline("fill-mask", model=checkpoint, device="cpu")
+    assert len(fill(long_text, top_k=3, tokenizer_kwargs={"truncation": True})) == 3

@@ -63,3 +63,10 @@ def test_unknown_family_and_missing_tokenizer(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
     assert not Path(tmp_path / "tok").exists()
+
+
+def test_a_trained_tokenizer_truncates_to_its_model_length(tokenizer_dirs, family):
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs[family]))
+    assert tok.model_max_length == 512
+    long_text = " ".join(make_documents(400))
+    assert len(tok(long_text, truncation=True)["input_ids"]) == 512

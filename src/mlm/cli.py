@@ -26,6 +26,9 @@ def _add_tokenizer(subparsers) -> None:
     p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
     p.add_argument("--document-per-file", action="store_true",
                    help="each .txt file is one document (a book, an article); default: one document per line")
+    p.add_argument("--model-max-length", type=int, default=512,
+                   help="tokens that truncation=True keeps: the positions of the model the tokenizer is for "
+                   "(a checkpoint's tokenizer always carries its own model's)")
     p.add_argument("--from", dest="from_name", default="", help="copy this tokenizer (hub name or directory) instead")
     p.add_argument("--out", required=True, help="tokenizer directory to write")
     p.set_defaults(func=_run_tokenizer)
@@ -35,7 +38,7 @@ def _run_tokenizer(args: argparse.Namespace) -> None:
     from mlm.tokenizer import build_tokenizer
 
     build_tokenizer(args.out, args.corpus, args.family, args.vocab_size, args.min_frequency, args.text_field,
-                    args.from_name, document_per_file=args.document_per_file)
+                    args.from_name, document_per_file=args.document_per_file, model_max_length=args.model_max_length)
 
 
 def _add_prepare(subparsers) -> None:

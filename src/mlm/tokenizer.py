@@ -20,6 +20,7 @@ from mlm.errors import UserError
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DEFAULT_MODEL_MAX_LENGTH = 512  # the positions of the default model (model.max_positions)
 
 
 def _roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
@@ -76,9 +77,13 @@ def _bert_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
 
 
 def train_tokenizer(
-    texts: Iterable[str], family: str, vocab_size: int, out_dir: str | Path, min_frequency: int = 2
+    texts: Iterable[str], family: str, vocab_size: int, out_dir: str | Path, min_frequency: int = 2,
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
 ):
-    """Train a tokenizer of the family's kind on `texts` and save it to `out_dir` (atomically)."""
+    """Train a tokenizer of the family's kind on `texts` and save it to `out_dir` (atomically).
+
+    `model_max_length` is what `truncation=True` cuts inputs to: the positions of the model it serves
+    (checkpoints set their own model's)."""
     if family not in FAMILIES:
         raise UserError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
     if vocab_size < 300:
@@ -87,6 +92,7 @@ def train_tokenizer(
         raise UserError(f"vocab_size={vocab_size} is too large")
     build = _roberta_tokenizer if family == "roberta" else _bert_tokenizer
     tokenizer = build(texts, vocab_size, min_frequency)
+    tokenizer.model_max_length = model_max_length
     # Byte-level BPE always holds the 256 byte symbols; WordPiece only what it saw.
     if len(tokenizer) <= len(ROBERTA_SPECIALS) + (256 if family == "roberta" else 0):
         raise UserError("the corpus is empty: the tokenizer learned no tokens")
@@ -148,12 +154,15 @@ def build_tokenizer(
     from_name: str = "",
     log=print,
     document_per_file: bool = False,
+    model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
 ):
     """`mlm tokenizer`: train a tokenizer on a corpus, or copy an existing one (hub name or directory), into out_dir."""
     from mlm.data.corpus import ReadStats, check_sources, iter_documents
 
     if from_name:
         tokenizer = load_tokenizer(from_name)
+        if tokenizer.model_max_length > 1_000_000:  # transformers' "no limit" placeholder: truncation would cut nothing
+            tokenizer.model_max_length = model_max_length
         save_tokenizer(tokenizer, out_dir)
         log(f"saved {from_name} ({len(tokenizer):,} tokens, {tokenizer_family(tokenizer)} layout) to {out_dir}")
         return tokenizer
@@ -162,7 +171,7 @@ def build_tokenizer(
     check_sources(sources, log)
     stats = ReadStats()
     documents = iter_documents(sources, stats, text_field, document_per_file=document_per_file)
-    tokenizer = train_tokenizer(documents, family, vocab_size, out_dir, min_frequency)
+    tokenizer = train_tokenizer(documents, family, vocab_size, out_dir, min_frequency, model_max_length)
     if stats.bad_utf8:
         log(stats.bad_utf8_warning())
     log(f"trained a {family} tokenizer of {len(tokenizer):,} tokens on {stats.documents:,} documents → {out_dir}")

@@ -18,6 +18,14 @@ from mlm.config import SIZES
 from mlm.errors import UserError
 
 
+def model_positions(config) -> int:
+    """The longest input the model takes: its position table, less RoBERTa's two padding-offset slots."""
+    limit = config.max_position_embeddings
+    if "roberta" in config.model_type or "camembert" in config.model_type:
+        limit -= 2  # RoBERTa positions start after the padding index
+    return limit
+
+
 def hf_config(family: str, size: str, tokenizer, max_positions: int = 512, dropout: float = 0.1):
     """The transformers config of a preset, with the tokenizer's vocabulary and special ids."""
     from transformers import BertConfig, RobertaConfig

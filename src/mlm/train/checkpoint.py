@@ -29,6 +29,7 @@ import torch.distributed.checkpoint as dcp
 
 from mlm import dist
 from mlm.errors import UserError
+from mlm.model.build import model_positions
 
 STATE_FILE = "training_state.pt"
 ENGINE_DIR = "engine"
@@ -158,6 +159,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
     rng = dist.gather_to_main(_rng_state(device), info)
     if info.is_main:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.model_max_length = model_positions(model.config)  # so truncation=True fits the model
         tokenizer.save_pretrained(str(tmp))
         state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng}
         torch.save(state, tmp / STATE_FILE)
