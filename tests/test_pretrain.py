@@ -76,6 +76,17 @@ def test_gradient_accumulation_matches_one_big_batch(data_dirs, tmp_path):
         assert validation[micro] == pytest.approx(validation[16], abs=1e-5)
 
 
+def test_with_dropout_on_the_micro_batch_changes_the_losses(data_dirs, tmp_path):
+    """What the README says: with dropout the draws depend on the micro-batch, so the losses differ."""
+    runs = {}
+    for micro in (16, 8):
+        cfg = tiny_config(data_dirs["bert"], tmp_path / f"m{micro}", "bert", steps=3)
+        cfg.system.micro_batch, cfg.model.dropout, cfg.eval.every = micro, 0.1, 0
+        pretrain(cfg, **QUIET)
+        runs[micro] = losses(tmp_path / f"m{micro}")
+    assert abs(runs[8][3] - runs[16][3]) > 1e-4
+
+
 # ---- bad input: one clear error, nothing half-written ---------------------------------------------
 
 

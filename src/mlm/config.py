@@ -1,7 +1,9 @@
 """Typed pretraining configuration: dataclasses, TOML loading, dotted command-line overrides, validation.
 
-Recipe settings (model, data, train) decide the result; implementation settings (system) decide only
-speed and memory, so a run may resume with different ones (another micro-batch, more GPUs).
+Recipe settings (model, data, train) decide the result; implementation settings (system) decide speed and
+memory, so a run may resume with different ones (another micro-batch, more GPUs). Every sequence gets the
+same data and masks whatever the system settings; with dropout 0 the losses are the same too (within float
+tolerance), with dropout on the dropout draws differ.
 Defaults are the reference recipe: RoBERTa-medium, 30k steps of 8,192 × 512 tokens, peak LR 1e-3.
 """
 
@@ -165,7 +167,8 @@ class SystemConfig:
     """CPU threads for PyTorch; 0 keeps its default."""
     strategy: str = "auto"
     """Parallelism engine: auto (ddp with several ranks, one plain process otherwise), ddp, fsdp (FSDP2) or
-    deepspeed (needs system.deepspeed_config). Changes speed and memory, not the result."""
+    deepspeed (needs system.deepspeed_config). Changes speed and memory; with dropout 0 the same losses
+    within float tolerance."""
     fsdp_reshard_after_forward: bool = False
     """fsdp: free each layer's gathered weights after its forward (ZeRO-3-like, less memory, one more
     all-gather in the backward) instead of keeping them until the backward (ZeRO-2-like)."""
