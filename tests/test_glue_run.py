@@ -36,11 +36,13 @@ def test_model_writes_task_json_and_tables(workspace):
     assert mnli["recipe"]["lr"] == 1e-3 and mnli["recipe"]["max_length"] == 48
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["Model"] for r in rows] == ["run"] and rows[0]["Step"] == "100"
-    assert list(rows[0]) == ["Model", "Step", "MNLI-m", "MNLI-mm", "RTE-Acc", "Avg", "CoLA-MCC"]  # CoLA apart
+    assert list(rows[0]) == ["Model", "Step", "Protocol", "MNLI-m", "MNLI-mm", "RTE-Acc", "Avg", "CoLA-MCC"]  # CoLA apart
+    assert rows[0]["Protocol"] == "custom" and mnli["protocol"] == "custom"  # --lr and --max-length changed it
     avg = (float(rows[0]["MNLI-m"]) + float(rows[0]["MNLI-mm"]) + float(rows[0]["RTE-Acc"])) / 3
     assert float(rows[0]["Avg"]) == pytest.approx(avg, abs=0.01)
     md = (out / "results.md").read_text()
-    assert "| Model | Step | MNLI-m | MNLI-mm | RTE-Acc | Avg | CoLA-MCC |" in md and "RoBERTa-medium (reference)" in md
+    assert "| Model | Step | Protocol | MNLI-m | MNLI-mm | RTE-Acc | Avg | CoLA-MCC |" in md
+    assert "| RoBERTa-medium (reference) | – | reference |" in md
     assert not list(out.glob("*.tmp"))
 
 
@@ -142,7 +144,7 @@ def test_task_of_your_own_runs_through_the_same_code(workspace, tmp_path):
           "--out", str(out), *QUICK])
     assert json.loads((out / "topics.json").read_text())["train_examples"] == 40
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert list(rows[0]) == ["Model", "Step", "topics-macro_f1"]  # no reference column, so no average
+    assert list(rows[0]) == ["Model", "Step", "Protocol", "topics-macro_f1"]  # no reference column, so no average
 
 
 def test_a_small_model_at_the_reference_lr_gets_a_hint(workspace, capsys):
@@ -172,3 +174,53 @@ def test_an_unwritable_results_folder_fails_before_fine_tuning(workspace, tmp_pa
     err = capsys.readouterr()
     assert f"error: cannot write results to {tmp_path / 'file' / 'out'}" in err.err
     assert "seed" not in err.out  # nothing was fine-tuned
+
+
+def test_reference_protocol_is_run_glue_under_trainer(tmp_path):
+    """--protocol reference has the effective settings of the reference's run_glue.py command under
+    Trainer (--learning_rate 2e-5 --num_train_epochs 3 --per_device_train_batch_size 4 on 8 GPUs
+    --max_seq_length 512 --seed 42, Trainer defaults otherwise), and the same learning rate at every step."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    from mlm.eval.finetune import PROTOCOLS, lr_multiplier
+
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=2e-5, num_train_epochs=3,
+                             per_device_train_batch_size=4, seed=42, report_to=[])
+    ours, seeds = PROTOCOLS["reference"]
+    assert (ours.lr, ours.epochs, ours.batch_size, ours.max_length) == (args.learning_rate, args.num_train_epochs,
+                                                                         args.per_device_train_batch_size * 8, 512)
+    assert seeds == [args.seed]
+    assert (ours.weight_decay, ours.adam_betas, ours.adam_eps, ours.max_grad_norm) == (
+        args.weight_decay, (args.adam_beta1, args.adam_beta2), args.adam_epsilon, args.max_grad_norm)
+    # transformers 4 says group_by_length=False; 5 says train_sampling_strategy="random"
+    grouped = getattr(args, "group_by_length", None) or getattr(args, "train_sampling_strategy", "") == "group_by_length"
+    assert ours.group_by_length == grouped is False
+    assert getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "linear"
+    total = 3 * 123  # steps of 3 epochs of some task
+    warmup = args.get_warmup_steps(total)
+    assert warmup == round(total * ours.warmup_ratio) == 0
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    trainer_schedule = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total):
+        assert trainer_schedule.get_last_lr()[0] == pytest.approx(lr_multiplier(step, warmup, total), abs=1e-12)
+        optimizer.step()
+        trainer_schedule.step()
+
+
+def test_the_protocol_is_named_and_the_median_seed_reports_all_its_metrics(workspace):
+    from mlm.eval.glue import median_seed
+
+    runs = [{"seed": s, "scores": {"validation": {"f1": f1, "accuracy": acc}}}
+            for s, f1, acc in ((0, 0.80, 0.70), (1, 0.90, 0.60), (2, 0.85, 0.75))]
+    assert median_seed(runs)["seed"] == 2  # F1 0.85 is the median; its accuracy comes with it
+    assert median_seed(runs[:2])["seed"] == 0  # an even count: the lower middle one
+
+    out = workspace / "out_reference"
+    main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--glue-dir", str(workspace / "GLUE"),
+          "--tasks", "rte", "--protocol", "reference", "--out", str(out), "--no-progress"])
+    rte = json.loads((out / "rte.json").read_text())
+    assert rte["protocol"] == "reference" and rte["seeds"] == [42] and rte["reported_seed"] == 42
+    assert rte["recipe"]["warmup_ratio"] == 0 and rte["recipe"]["weight_decay"] == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert rows[0]["Protocol"] == "reference"

@@ -144,7 +144,13 @@ def _add_glue(subparsers) -> None:
     p.add_argument("--task-file", action="append", default=[], help="a task of your own (TOML/JSON); repeatable")
     p.add_argument("--glue-dir", help="original GLUE download (CoLA/, SST-2/, ...); default: the hub (nyu-mll/glue)")
     p.add_argument("--out", help="results folder (default: RUN/glue[/checkpoint-<step>] or ./glue_results/NAME)")
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per task; the median is reported")
+    p.add_argument("--protocol", default="fast", choices=["fast", "reference"],
+                   help="fast: warm-up 6%%, weight decay 0.01, length-grouped batches, median seed of 3; reference: "
+                   "exactly the reference's run_glue.py settings (lr 2e-5, 3 epochs, batch 32, length 512, no "
+                   "warm-up or weight decay, seed 42). Named in every results table")
+    p.add_argument("--seeds", type=int,
+                   help="fine-tuning seeds per task (default: the protocol's, 3 or 1); the median seed by the task's "
+                   "first metric is reported")
     p.add_argument("--name", help="model name in the table (default: run or folder name)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-5)")
     p.add_argument("--epochs", type=int, help="default 3")
@@ -169,7 +175,8 @@ def _run_glue(args: argparse.Namespace) -> None:
 
     glue_command(
         model=args.model, run=args.run, steps=args.steps, tasks=args.tasks, task_files=args.task_file,
-        glue_dir=args.glue_dir, out=args.out, seeds=args.seeds, name=args.name, lr=args.lr, epochs=args.epochs,
+        glue_dir=args.glue_dir, out=args.out, seeds=args.seeds, name=args.name, protocol=args.protocol,
+        lr=args.lr, epochs=args.epochs,
         batch_size=args.batch_size, max_length=args.max_length, max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples, device=args.device, dtype=args.dtype, settings=args.settings,
         force=args.force, gather_only=args.gather_only, progress=args.progress,

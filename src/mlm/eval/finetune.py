@@ -82,6 +82,37 @@ class FinetuneConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k not in skip}
 
 
+# The reference's fine-tuning: run_glue.py under Trainer with its defaults (linear decay, no warm-up, no
+# weight decay, AdamW 0.9/0.999/1e-8, clipping at 1.0, no length grouping), lr 2e-5, 3 epochs, batch 32
+# (4 per GPU × 8), max length 512, seed 42, the model after the last epoch.
+REFERENCE_PROTOCOL = FinetuneConfig(
+    lr=2e-5, epochs=3, batch_size=32, max_length=512, warmup_ratio=0.0, weight_decay=0.0,
+    adam_betas=(0.9, 0.999), adam_eps=1e-8, max_grad_norm=1.0, group_by_length=False,
+)
+# name: (settings, seeds). "fast": warm-up 6%, weight decay 0.01, batches of similar lengths (far less
+# padding), the median seed of 3. "reference": exactly the reference's settings, one seed, so that its
+# rows sit next to the published ones.
+PROTOCOLS: dict[str, tuple[FinetuneConfig, list[int]]] = {
+    "fast": (FinetuneConfig(), [0, 1, 2]),
+    "reference": (REFERENCE_PROTOCOL, [42]),
+}
+
+
+def protocol_name(recipe: dict, seeds: list[int]) -> str:
+    """Which protocol made results of this recipe and these seeds: a protocol's name, or "custom"."""
+    for name, (cfg, protocol_seeds) in PROTOCOLS.items():
+        if recipe == cfg.recipe() and list(seeds) == protocol_seeds:
+            return name
+    return "custom"
+
+
+def lr_multiplier(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to the peak over `warmup` steps, then linear decay to 0 at `total` (Trainer's "linear")."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 # ---- loading ----------------------------------------------------------------------------------
 
 
@@ -289,9 +320,7 @@ def train_model(
         fused=device.type == "cuda",  # one kernel for all parameters on GPU
     )
     # Linear warm-up to the peak, then linear decay to 0 at the last step.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: step / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, warmup, total))
     amp = autocast_dtype(cfg, device)
     multiple = 8 if device.type == "cuda" else 1
     lengths = data.lengths

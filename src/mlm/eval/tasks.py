@@ -192,6 +192,13 @@ REFERENCE_ROWS: dict[str, dict[str, float]] = {
 }
 
 
+# How each published row was fine-tuned, shown in the tables' Protocol column.
+REFERENCE_PROTOCOLS = {
+    "RoBERTa-medium (reference)": "reference",
+    "BERT-medium (Google)": "best of a sweep",  # lr 3e-4…3e-5 × batch 8…128, 4 epochs, best per task
+}
+
+
 def parse_tasks(spec: str) -> list[TaskSpec]:
     """'all' or a comma-separated list such as 'cola,sst2,mnli' -> task rows, in the given order."""
     if spec.strip().lower() == "all":
