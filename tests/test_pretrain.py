@@ -217,17 +217,22 @@ def test_glue_every_scores_checkpoints_in_a_separate_process(data_dirs, tmp_path
     from glue_fixtures import write_glue_dir
 
     glue_dir = write_glue_dir(tmp_path / "glue_data")
-    cfg = tiny_config(data_dirs["bert"], tmp_path / "run", "bert", steps=20)
+    cfg = tiny_config(data_dirs["bert"], tmp_path / "run", "bert", steps=40)
     cfg.eval.glue_every, cfg.eval.glue_tasks, cfg.eval.glue_dir = 2, "rte", str(glue_dir)
-    cfg.eval.glue_args = "--seeds 1 --epochs 1 --max-length 32"
-    pretrain(cfg, **QUIET)  # checkpoints at 10 and 20; the 2nd one is scored
-    result = tmp_path / "run" / "glue" / "checkpoint-20" / "rte.json"
+    cfg.eval.glue_args, cfg.eval.glue_device = "--seeds 1 --epochs 1 --max-length 32", "cpu"
+    # Only the newest checkpoint is kept, but not one a GLUE job still has to read: the job for step 20
+    # starts (seconds of imports) long after training has written checkpoint-30.
+    cfg.run.keep_checkpoints = 1
+    pretrain(cfg, **QUIET)  # checkpoints at 10, 20, 30, 40; 20 and 40 are scored
+    results = [tmp_path / "run" / "glue" / f"checkpoint-{step}" / "rte.json" for step in (20, 40)]
     deadline = time.time() + 300
-    while not result.is_file() and time.time() < deadline:
+    while not all(r.is_file() for r in results) and time.time() < deadline:
         time.sleep(1)
-    assert result.is_file(), (tmp_path / "run" / "glue" / "glue.log").read_text()
-    assert "accuracy" in json.dumps(json.loads(result.read_text()))
+    for result in results:
+        assert result.is_file(), (tmp_path / "run" / "glue" / "glue.log").read_text()
+        assert "accuracy" in json.dumps(json.loads(result.read_text()))
     assert not (tmp_path / "run" / "glue" / "checkpoint-10").exists()
+    assert not (tmp_path / "run" / "checkpoint-10").exists() and not (tmp_path / "run" / "checkpoint-30").exists()
 
 
 def test_second_phase_from_first_phase_weights(data_dirs, tmp_path):
@@ -468,6 +473,7 @@ def test_glue_jobs_run_one_at_a_time(tmp_path):
     queue.add(20)
     queue.add(30)  # the first job still runs: 20 and 30 wait
     assert [job.steps for job in started] == [[10]]
+    assert queue.busy_steps() == {10, 20, 30}  # run.keep_checkpoints leaves these alone
     started[0].done = True
     queue.start_if_idle()
     assert [job.steps for job in started] == [[10], [20, 30]]

@@ -240,10 +240,15 @@ class EvalConfig:
     """Local GLUE directory for glue_every; empty = download through `datasets`."""
     glue_args: str = ""
     """More `mlm glue` flags for glue_every, e.g. "--max-length 128 --seeds 1"."""
+    glue_device: str = "auto"
+    """Device of the glue_every jobs: auto (the first GPU, the one rank 0 trains on, else the CPU), cpu,
+    cuda or cuda:N (e.g. a GPU that training leaves free)."""
 
     def __post_init__(self) -> None:
         if self.every < 0 or self.sequences < 1 or self.glue_every < 0:
             raise UserError("eval.every and eval.glue_every must be >= 0, eval.sequences positive")
+        if not (self.glue_device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.glue_device)):
+            raise UserError(f"eval.glue_device: unknown device {self.glue_device!r} (auto, cpu, cuda or cuda:N)")
         try:  # checked now, not at the first checkpoint hours later
             shlex.split(self.glue_args)
         except ValueError as e:

@@ -143,8 +143,9 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.DistInfo, device: torch.device,
-                    keep: int = 0) -> Path:
-    """Write checkpoint-<step>/ with every rank; with keep > 0, delete all but the newest `keep`."""
+                    keep: int = 0, keep_also: set[int] = frozenset()) -> Path:
+    """Write checkpoint-<step>/ with every rank; with keep > 0, delete all but the newest `keep`, and but
+    the steps in `keep_also` (checkpoints a GLUE job still has to read)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar, the training one
@@ -169,7 +170,8 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
         os.replace(tmp, final)
         if keep > 0:
             for old in checkpoint_dirs(run_dir)[:-keep]:
-                shutil.rmtree(old)
+                if int(_NAME.match(old.name).group(1)) not in keep_also:
+                    shutil.rmtree(old)
     dist.barrier(info)
     return final
 

@@ -526,7 +526,8 @@ def fit(s: Setup, log=print) -> dict:
             if signum is not None:
                 stopped_by = signal.Signals(signum).name
                 _stop_if_diverged(s, diverged, done, lr)
-                checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
+                checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
+                                             keep_also=glue_jobs.busy_steps())
                 say(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
                     "continue with the same command and --resume")
                 break
@@ -537,7 +538,8 @@ def fit(s: Setup, log=print) -> dict:
                     say(f"step {done}: validation loss {last_val:.4f}")
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
                 _stop_if_diverged(s, diverged, done, lr)  # never a checkpoint of a diverged state
-                checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints)
+                checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
+                                             keep_also=glue_jobs.busy_steps())
                 if main:
                     glue_jobs.add(done)
     bar.close()
@@ -585,6 +587,7 @@ class GlueQueue:
         self.launch = launch or self._launch
         self.pending: list[int] = []
         self.job = None
+        self.job_steps: list[int] = []
 
     def add(self, step: int) -> None:
         """A new checkpoint at `step`: queue it if it is one of every eval.glue_every-th."""
@@ -594,19 +597,28 @@ class GlueQueue:
 
     def start_if_idle(self) -> None:
         if self.pending and (self.job is None or self.job.poll() is not None):
-            self.job, self.pending = self.launch(self.pending), []
+            self._start()
 
     def finish(self) -> None:
         """Training is over: what still waits starts now, beside a job that may still run."""
         if self.pending:
-            self.job, self.pending = self.launch(self.pending), []
+            self._start()
+
+    def busy_steps(self) -> set[int]:
+        """Checkpoints a GLUE job waits for or reads now: run.keep_checkpoints must not delete them."""
+        running = self.job is not None and self.job.poll() is None
+        return set(self.pending) | (set(self.job_steps) if running else set())
+
+    def _start(self) -> None:
+        self.job, self.job_steps, self.pending = self.launch(self.pending), self.pending, []
 
     def _launch(self, steps: list[int]) -> subprocess.Popen:
         cfg = self.cfg
         out = self.run_dir / "glue"
         out.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "mlm", "glue", "--run", str(self.run_dir), "--steps", ",".join(map(str, steps))]
-        command += ["--tasks", cfg.eval.glue_tasks, "--no-progress", *shlex.split(cfg.eval.glue_args)]
+        command += ["--tasks", cfg.eval.glue_tasks, "--no-progress", "--device", cfg.eval.glue_device,
+                    *shlex.split(cfg.eval.glue_args)]
         if cfg.eval.glue_dir:
             command += ["--glue-dir", cfg.eval.glue_dir]
         with open(out / "glue.log", "a") as log_file:
