@@ -1,30 +1,63 @@
-"""`mlm demo` end to end, with a short pretraining so it fits the test budget."""
+"""`mlm demo` end to end, with a short pretraining and fewer fine-tunes so it fits the test budget."""
 
+import json
 import re
 
 import pytest
 
+import mlm.demo as demo
 from mlm.demo import run_demo
 from mlm.errors import UserError
 
 
+@pytest.fixture
+def small_demo(monkeypatch):
+    """The demo's own code path with fewer fine-tunes and held-out sequences."""
+    monkeypatch.setattr(demo, "LABELS_PER_TOPIC", (5, 20))
+    monkeypatch.setattr(demo, "SEEDS", 2)
+    monkeypatch.setattr(demo, "FEW_LABEL_STEPS", 4)
+    monkeypatch.setattr(demo, "ALL_LABELS_EPOCHS", 1)
+    monkeypatch.setattr(demo, "MLM_EVAL_SEQUENCES", 32)
+    monkeypatch.setattr(demo, "FILL_MASK_SENTENCES", 3)
+
+
 @pytest.mark.slow
-def test_demo_writes_a_report_of_measured_figures(tmp_path):
+def test_demo_writes_a_report_of_measured_figures(tmp_path, small_demo):
     out = tmp_path / "demo"
     facts = run_demo(out, steps=30, log=lambda _: None)
     report = (out / "report.md").read_text()
-    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(facts))
+    for png in ("loss_curve.png", "few_labels.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert facts["documents"] == 2225 and facts["held_out_docs"] == 222
-    assert facts["last_loss"] < facts["first_loss"]
+    p = facts["pretraining"]
+    assert p["steps"] == 30 and p["last_loss"] < p["first_loss"] and p["tokens_per_s"] > 0
+    assert re.search(r"30 steps × 32 sequences × 128 tokens", report)
+    mlm = facts["masked_tokens"]
+    for name in ("pretrained", "random init", "unigram"):
+        assert 0.0 <= mlm[name]["top1"] <= mlm[name]["top5"] <= 1.0
+        assert f"{100 * mlm[name]['top1']:.1f}%" in report
+    # 30 steps already beat random weights on the held-out masked tokens
+    assert mlm["pretrained"]["top5"] > mlm["random init"]["top5"]
+    topics = facts["topics"]
     for name in ("pretrained", "random init"):
-        accuracy = facts["topics"][name]["accuracy"]
-        assert 0.0 <= accuracy <= 1.0
-        assert f"{accuracy:.1%}" in report
-    assert len(facts["fill_mask"]) == 5 and all(len(r["top5"]) == 5 for r in facts["fill_mask"])
-    assert re.search(r"30 steps × 32 sequences", report)
+        assert sorted(topics[name]) == ["20", "5", "all"]
+        assert len(topics[name]["5"]) == 2 and all(0.0 <= a <= 1.0 for a in topics[name]["5"])
+    for rows in facts["fill_mask"].values():
+        assert len(rows) == 3 and all(1 <= r["rank"] <= r["vocabulary"] and len(r["top5"]) == 5 for r in rows)
     # Running it again replaces the demo's own folder.
     run_demo(out, steps=2, log=lambda _: None)
     assert "2 steps" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_fits_pretraining_into_the_time_its_budget_leaves(tmp_path, small_demo):
+    out = tmp_path / "demo"
+    facts = run_demo(out, minutes=2.0, log=lambda _: None)
+    p = facts["pretraining"]
+    assert re.fullmatch(r"\d+s", p["budget"]) and p["steps"] > 1
+    recorded = json.loads((out / "run" / "config.json").read_text())["train"]
+    assert recorded["budget"] == p["budget"] and recorded["steps"] == p["steps"]
 
 
 def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path):
@@ -32,3 +65,8 @@ def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path):
     with pytest.raises(UserError, match="not a demo folder"):
         run_demo(tmp_path, steps=2, log=lambda _: None)
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+def test_a_budget_too_small_for_this_machine_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="--minutes must be positive"):
+        run_demo(tmp_path / "demo", minutes=0, log=lambda _: None)
