@@ -67,6 +67,6 @@ def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 
-def test_a_budget_too_small_for_this_machine_is_one_line(tmp_path):
+def test_bad_minutes_are_one_line(tmp_path):
     with pytest.raises(UserError, match="--minutes must be positive"):
         run_demo(tmp_path / "demo", minutes=0, log=lambda _: None)
