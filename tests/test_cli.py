@@ -50,6 +50,9 @@ def test_end_to_end_through_the_cli(tmp_path, corpus_file):
         (["pretrain", "missing.toml"], "config file missing.toml does not exist"),
         (["pretrain", "--data.data_dir=nowhere"], "nowhere"),
         (["pretrain", "--resume=nowhere"], "holds no checkpoint"),
+        (["pretrain", "--train.budget=fast"], "train.budget: cannot read 'fast'"),
+        (["demo", "--minutes", "0"], "--minutes must be positive"),
+        (["demo", "--steps", "0"], "--steps must be positive"),
     ],
 )
 def test_bad_input_one_line(tmp_path, args, fragment):

@@ -110,6 +110,8 @@ def test_settings_precedence():
     (["--model", "x", "--set", "rte.speed=3"], "bad override"),
     (["--model", "x", "--set", "lr=fast"], "not a valid"),
     (["--run", "/nonexistent/run"], "does not exist"),
+    (["--model", "x", "--tasks", ""], "--tasks is empty"),
+    (["--model", "x", "--protocol", "mine"], "--protocol: unknown protocol 'mine' (choose fast, reference)"),
 ])
 def test_cli_errors_are_one_clear_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -70,3 +70,17 @@ def test_a_trained_tokenizer_truncates_to_its_model_length(tokenizer_dirs, famil
     assert tok.model_max_length == 512
     long_text = " ".join(make_documents(400))
     assert len(tok(long_text, truncation=True)["input_ids"]) == 512
+
+
+def test_an_existing_folder_is_never_replaced_by_accident(corpus_file, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint-1").mkdir()
+    with pytest.raises(UserError, match="already exists: choose another folder, or --overwrite"):
+        build_tokenizer(run, [str(corpus_file)], "bert", 300, log=lambda _: None)
+    with pytest.raises(UserError, match="is not a tokenizer folder"):
+        build_tokenizer(run, [str(corpus_file)], "bert", 300, log=lambda _: None, overwrite=True)
+    assert (run / "checkpoint-1").is_dir()
+    build_tokenizer(tmp_path / "tok", [str(corpus_file)], "bert", 300, log=lambda _: None)
+    build_tokenizer(tmp_path / "tok", [str(corpus_file)], "roberta", 400, log=lambda _: None, overwrite=True)
+    assert tokenizer_family(load_tokenizer(tmp_path / "tok")) == "roberta"

@@ -31,6 +31,7 @@ def _add_tokenizer(subparsers) -> None:
                    "(a checkpoint's tokenizer always carries its own model's)")
     p.add_argument("--from", dest="from_name", default="", help="copy this tokenizer (hub name or directory) instead")
     p.add_argument("--out", required=True, help="tokenizer directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer folder")
     p.set_defaults(func=_run_tokenizer)
 
 
@@ -38,7 +39,8 @@ def _run_tokenizer(args: argparse.Namespace) -> None:
     from mlm.tokenizer import build_tokenizer
 
     build_tokenizer(args.out, args.corpus, args.family, args.vocab_size, args.min_frequency, args.text_field,
-                    args.from_name, document_per_file=args.document_per_file, model_max_length=args.model_max_length)
+                    args.from_name, document_per_file=args.document_per_file, model_max_length=args.model_max_length,
+                    overwrite=args.overwrite)
 
 
 def _add_prepare(subparsers) -> None:
@@ -148,7 +150,7 @@ def _add_glue(subparsers) -> None:
     p.add_argument("--task-file", action="append", default=[], help="a task of your own (TOML/JSON); repeatable")
     p.add_argument("--glue-dir", help="original GLUE download (CoLA/, SST-2/, ...); default: the hub (nyu-mll/glue)")
     p.add_argument("--out", help="results folder (default: RUN/glue[/checkpoint-<step>] or ./glue_results/NAME)")
-    p.add_argument("--protocol", default="fast", choices=["fast", "reference"],
+    p.add_argument("--protocol", default="fast",
                    help="fast: warm-up 6%%, weight decay 0.01, length-grouped batches, median seed of 3; reference: "
                    "exactly the reference's run_glue.py settings (lr 2e-5, 3 epochs, batch 32, length 512, no "
                    "warm-up or weight decay, seed 42). Named in every results table")

@@ -144,6 +144,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def check_tokenizer_out(out_dir: Path, overwrite: bool) -> None:
+    """Never replace a folder by accident: an existing one only with overwrite, and only if it is a tokenizer."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file: choose a folder")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise UserError(f"--out {out_dir} already exists: choose another folder, or --overwrite to replace that tokenizer")
+    if not (out_dir / "tokenizer_config.json").is_file():
+        raise UserError(f"--out {out_dir} is not a tokenizer folder (no tokenizer_config.json): --overwrite replaces "
+                        "only a tokenizer; choose another folder")
+
+
 def build_tokenizer(
     out_dir: str | Path,
     sources: list[str] | None = None,
@@ -155,9 +168,12 @@ def build_tokenizer(
     log=print,
     document_per_file: bool = False,
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+    overwrite: bool = False,
 ):
     """`mlm tokenizer`: train a tokenizer on a corpus, or copy an existing one (hub name or directory), into out_dir."""
     from mlm.data.corpus import ReadStats, check_sources, iter_documents
+
+    check_tokenizer_out(Path(out_dir), overwrite)
 
     if from_name:
         tokenizer = load_tokenizer(from_name)

@@ -497,6 +497,8 @@ def glue_command(
     # N seeds count on from the protocol's first (0 or 42); another count than the protocol's makes the
     # results "custom" in the tables.
     seed_list = protocol_seeds if seeds is None else list(range(protocol_seeds[0], protocol_seeds[0] + seeds))
+    if tasks is not None and not tasks.strip(" ,"):
+        raise UserError("--tasks is empty: give task names (e.g. rte,mrpc) or all")
     # GLUE tasks (all by default, none by default when tasks of your own are given), then your own.
     task_list = parse_tasks(tasks or "all") if tasks or not task_files else []
     task_list += [task_from_file(f) for f in task_files or []]
