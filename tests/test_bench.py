@@ -244,3 +244,20 @@ def test_dropout_gives_the_same_loss_distribution(data_dirs, tokenizer_dirs, tmp
     assert abs(ours.mean() - theirs.mean()) < 4 * standard_error
     assert 0.7 < ours.std() / theirs.std() < 1.4
     assert abs(ours.mean() - no_dropout) > 8 * standard_error
+
+
+# ---- scripts/gpu_check.sh ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_prints_the_summary_table_last(tmp_path):
+    """The GPU check's logic on a CPU (tiny model): rows run, the summary table comes last."""
+    env = {**os.environ, "GPU_CHECK_BUDGET_S": "100"}
+    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-smoke", str(tmp_path)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    table = lines[lines.index("| row | what changes | tokens/s | × HF path | step s | peak GiB | MFU | micro_batch |"):]
+    assert all(line.startswith("|") for line in table)
+    recipe = next(line for line in table if line.startswith("| recipe |"))
+    assert "(HF path" in recipe and "×" in recipe
+    assert len(table) == 2 + 12  # header, rule, one line per row (measured or skipped)
