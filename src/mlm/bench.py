@@ -107,8 +107,9 @@ class Timing:
     step_time_s: float
     mfu: float | None
     peak_memory: int
-    """Bytes: the most the GPU's caching allocator held during the timed steps, or on a CPU the process's peak
-    resident memory so far."""
+    """Bytes: the most the GPU's caching allocator held during the timed steps (for the HF path, the mlm
+    path's model and optimizer state, still held, included), or on a CPU the process's peak resident memory so
+    far."""
 
 
 def peak_tflops_of(device: torch.device) -> float | None:

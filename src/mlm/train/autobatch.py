@@ -37,24 +37,25 @@ def auto_micro_batch(hf_model: nn.Module, per_rank: int, seq_len: int, masked_pe
     optimizer_bytes = 2 * 4 * sum(p.numel() for p in hf_model.parameters())  # AdamW: exp_avg, exp_avg_sq in fp32
     budget = HEADROOM * torch.cuda.get_device_properties(device).total_memory
     autocast = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    for micro in divisors_descending(per_rank, MAX_AUTO):
-        fits = False
-        try:
-            torch.cuda.reset_peak_memory_stats(device)
-            ids = torch.randint(5, vocab, (micro, seq_len), device=device)
-            positions = torch.rand(micro, seq_len, device=device).topk(masked_per_seq, dim=1).indices  # (B, K)
-            with autocast:
-                loss = loss_model(ids, positions, ids.gather(1, positions))
-            loss.backward()
-            torch.cuda.synchronize(device)
-            fits = torch.cuda.max_memory_allocated(device) + optimizer_bytes <= budget
-        except torch.OutOfMemoryError:
-            pass
-        finally:
-            loss = None
-            hf_model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-        if fits:
-            log(f"system.micro_batch=auto: {micro} (the largest divisor of {per_rank} up to {MAX_AUTO} that fits)")
-            return micro
+    with torch.random.fork_rng(devices=[device]):  # the probes' random draws leave training's streams alone
+        for micro in divisors_descending(per_rank, MAX_AUTO):
+            fits = False
+            try:
+                torch.cuda.reset_peak_memory_stats(device)
+                ids = torch.randint(5, vocab, (micro, seq_len), device=device)
+                positions = torch.rand(micro, seq_len, device=device).topk(masked_per_seq, dim=1).indices  # (B, K)
+                with autocast:
+                    loss = loss_model(ids, positions, ids.gather(1, positions))
+                loss.backward()
+                torch.cuda.synchronize(device)
+                fits = torch.cuda.max_memory_allocated(device) + optimizer_bytes <= budget
+            except torch.OutOfMemoryError:
+                pass
+            finally:
+                loss = None
+                hf_model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+            if fits:
+                log(f"system.micro_batch=auto: {micro} (the largest divisor of {per_rank} up to {MAX_AUTO} that fits)")
+                return micro
     raise UserError(f"system.micro_batch=auto: not even one sequence of {seq_len} tokens fits on {device}")
