@@ -234,7 +234,7 @@ def bench_setup(cfg: PretrainConfig, synthetic: bool, log=print) -> Setup:
     )
 
 
-def bench(cfg: PretrainConfig, steps: int = 10, warmup: int = 2, baseline: bool = False, synthetic: bool = False,
+def bench(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, baseline: bool = False, synthetic: bool = False,
           peak_tflops: float | None = None, log=print) -> dict:
     """Time `steps` training steps after `warmup` ones (and, with baseline, the reference's path on the same
     batches); print a summary and return the figures."""

@@ -137,14 +137,14 @@ def _add_bench(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("config", help="TOML recipe (e.g. configs/roberta-medium.toml)")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator growth)")
     p.add_argument("--baseline", action="store_true", help="also time the HF path (eager attention, head on every "
                    "position, torch AdamW, micro-batch 16) on the same batches, and print the ratio")
     p.add_argument("--synthetic", action="store_true", help="random tokens with the reference tokenizer's vocabulary "
                    "instead of data.data_dir")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak for the MFU "
-                   "(default: from the table of known cards)")
+                   "(none: from the table of known cards)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
     p.set_defaults(func=_run_bench)
 

@@ -173,9 +173,6 @@ class SystemConfig:
         if isinstance(self.micro_batch, str):
             if self.micro_batch != "auto":
                 raise UserError(f"system.micro_batch must be a positive number or \"auto\", got {self.micro_batch!r}")
-            if self.strategy == "deepspeed":
-                raise UserError("system.micro_batch=auto does not work with deepspeed (its JSON's "
-                                "train_micro_batch_size_per_gpu is filled before the model exists): set a number")
         elif self.micro_batch < 1:
             raise UserError(f"system.micro_batch must be positive, got {self.micro_batch}")
         if self.compile_mode not in COMPILE_MODES:

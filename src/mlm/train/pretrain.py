@@ -257,12 +257,6 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
             f"system.micro_batch={cfg.system.micro_batch} × {info.world_size} rank(s)"
         )
     bf16 = wants_bf16(cfg, device)
-    ds_config = None
-    if strategy == "deepspeed":  # system.micro_batch is a number here ("auto" is refused with deepspeed)
-        from mlm.train.deepspeed_config import resolve_deepspeed_config
-
-        ds_config = resolve_deepspeed_config(cfg.system.deepspeed_config, cfg, per_rank // cfg.system.micro_batch, device.type)
-        bf16 = bool(ds_config["bf16"]["enabled"])  # DeepSpeed casts the model itself: the file decides
 
     if checkpoint is not None:
         hf_model = load_model(checkpoint)
@@ -283,6 +277,12 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     hf_model.to(device).train()
     cfg = resolve_micro_batch(cfg, hf_model, per_rank, device, bf16, log if info.is_main else lambda _: None)
     accum = per_rank // cfg.system.micro_batch
+    ds_config = None
+    if strategy == "deepspeed":
+        from mlm.train.deepspeed_config import resolve_deepspeed_config
+
+        ds_config = resolve_deepspeed_config(cfg.system.deepspeed_config, cfg, accum, device.type)
+        bf16 = bool(ds_config["bf16"]["enabled"])  # DeepSpeed casts the model itself: the file decides
     compiled = wants_compile(cfg, device)
     autocast_dtype = torch.bfloat16 if bf16 and strategy != "deepspeed" else None
     engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)
