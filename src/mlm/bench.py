@@ -182,8 +182,8 @@ def reference_step(s: Setup, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def reference_model(s: Setup) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Hugging Face's masked LM with eager attention, holding the bench model's initial weights, and torch's
-    default (foreach) AdamW with the recipe's settings."""
+    """Hugging Face's masked LM with eager attention, holding the bench model's weights as they are now, and
+    torch's default (foreach) AdamW with the recipe's settings."""
     from transformers import AutoModelForMaskedLM
 
     model = AutoModelForMaskedLM.from_config(s.hf_model.config, attn_implementation="eager")
