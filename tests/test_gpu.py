@@ -29,3 +29,42 @@ def test_compiled_bf16_training_on_gpu(strategy, data_dirs, tmp_path):
     # Saved from the unwrapped model: no `_orig_mod.` prefixes, loads as is.
     model = AutoModelForMaskedLM.from_pretrained(str(tmp_path / "run" / "checkpoint-40"))
     assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+def test_bench_with_baseline_on_gpu():
+    """`mlm bench` on the GPU: compiled bf16 path beside the HF path, with the card's MFU when it is known."""
+    from mlm.bench import bench, peak_tflops_of
+    from mlm.config import load_config
+
+    cfg = load_config("configs/roberta-medium.toml", [
+        "--model.size=tiny", "--data.seq_len=128", "--model.max_positions=128", "--train.global_batch=64",
+        "--system.micro_batch=auto", "--system.compile=on",
+    ])
+    result = bench(cfg, steps=3, warmup=2, baseline=True, synthetic=True, log=lambda _: None)
+    assert result["device"] != "cpu" and result["precision"] == "bf16" and result["compiled"]
+    assert result["tokens_per_s"] > 0 and result["baseline_tokens_per_s"] > 0
+    assert 64 % result["micro_batch"] == 0 and result["peak_memory"] > 0
+    if peak_tflops_of(torch.device("cuda")) is not None:
+        assert 0 < result["mfu"] < 1
+
+
+def test_no_host_synchronisation_inside_a_training_step(data_dirs, tmp_path):
+    """After warm-up (compilation), a training step queues its work without waiting for the GPU: CUDA's sync
+    debug mode raises on any synchronising call."""
+    from mlm.train.pretrain import setup, train_step
+
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10)
+    cfg.system.device, cfg.system.compile, cfg.system.precision = "cuda", "on", "bf16"
+    s = setup(cfg, log=lambda _: None)
+    try:
+        for step in range(3):
+            train_step(s, step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            train_step(s, 3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        s.batches.close()
+        s.run_lock.release()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 
@@ -135,6 +136,41 @@ def _run_demo(args: argparse.Namespace) -> None:
 # ---- end tokenizer, prepare, pretrain, demo --------------------------------------------------
 
 
+# ---- bench -----------------------------------------------------------------------------------
+def _add_bench(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="time training steps: tokens/s, step time, peak memory, MFU (--baseline: vs the HF path)",
+        description="Time real training steps of a recipe (after warm-up and compilation) and print tokens/s, step "
+        "time, peak memory and MFU; --baseline also times the reference's Hugging Face path on the same batches. "
+        "Any setting can be overridden as --section.key=value, as for mlm pretrain.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("config", help="TOML recipe (e.g. configs/roberta-medium.toml)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator growth)")
+    p.add_argument("--baseline", action="store_true", help="also time the HF path (eager attention, head on every "
+                   "position, torch AdamW, micro-batch 16) on the same batches, and print the ratio")
+    p.add_argument("--synthetic", action="store_true", help="random tokens with the reference tokenizer's vocabulary "
+                   "instead of data.data_dir")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak for the MFU "
+                   "(none: from the table of known cards)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object, last")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    from mlm.bench import bench
+    from mlm.config import load_config
+
+    result = bench(load_config(args.config, args.overrides), steps=args.steps, warmup=args.warmup,
+                   baseline=args.baseline, synthetic=args.synthetic, peak_tflops=args.peak_tflops)
+    if args.json:
+        print(json.dumps(result))
+
+
+# ---- end bench -------------------------------------------------------------------------------
+
+
 # ---- glue ------------------------------------------------------------------------------------
 def _add_glue(subparsers) -> None:
     p = subparsers.add_parser(
@@ -198,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain BERT- and RoBERTa-family masked language models from scratch and score them on GLUE.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_tokenizer, _add_prepare, _add_pretrain, _add_demo, _add_glue):
+    for add in (_add_tokenizer, _add_prepare, _add_pretrain, _add_demo, _add_glue, _add_bench):
         add(subparsers)
     return parser
 
@@ -212,8 +248,8 @@ def _boolean(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args, extra = build_parser().parse_known_args(argv)
-    # Only `pretrain` takes free-form --section.key=value overrides; anything unknown elsewhere is an error.
-    if args.command == "pretrain":
+    # Only `pretrain` and `bench` take free-form --section.key=value overrides; anything unknown elsewhere is an error.
+    if args.command in ("pretrain", "bench"):
         # One spelling across commands: glue's --no-progress means --run.progress=false here too.
         args.overrides = ["--run.progress=false" if item == "--no-progress" else item for item in extra]
     elif extra:

@@ -19,6 +19,7 @@ import re
 import shlex
 import sys
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ else:  # pragma: no cover
 
 FAMILIES = ("roberta", "bert")
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # Model size presets, name: (layers, hidden), as Google's BERT miniatures; FFN is 4H and heads H/64 (at least 2).
 SIZES: dict[str, tuple[int, int]] = {
     "tiny": (2, 128),
@@ -155,8 +158,20 @@ def parse_budget(text: str) -> tuple[float | None, float | None]:
 
 @dataclass
 class SystemConfig:
-    micro_batch: int = 32
-    """Sequences per forward pass on one device; accumulation makes up the rest of the global batch."""
+    micro_batch: int | str = 32
+    """Sequences per forward pass on one device; accumulation makes up the rest of the global batch.
+    "auto": on a GPU the largest divisor of the per-rank batch (at most 256) whose forward and backward fit
+    in memory beside the optimizer state, found by trying them before training; on a CPU the largest
+    divisor up to 32."""
+    prefetch: bool = True
+    """Read and pin the next step's batch in a background thread while the current step computes."""
+    fused_optimizer: bool = True
+    """On a GPU, AdamW's fused kernel (one launch for every parameter); false: its foreach implementation."""
+    compile_mode: str = "default"
+    """torch.compile mode when compiling: default, reduce-overhead (CUDA graphs) or
+    max-autotune-no-cudagraphs (slow to compile)."""
+    sdpa_backend: str = "auto"
+    """Attention kernel of scaled_dot_product_attention: auto (PyTorch picks), flash, efficient, cudnn or math."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, or cuda:N."""
     precision: str = "auto"
@@ -187,8 +202,15 @@ class SystemConfig:
             raise UserError(f"system.deepspeed_config is set but system.strategy={self.strategy}: add --system.strategy=deepspeed")
         if self.dist_timeout_s < 1:
             raise UserError(f"system.dist_timeout_s must be positive, got {self.dist_timeout_s}")
-        if self.micro_batch < 1:
+        if isinstance(self.micro_batch, str):
+            if self.micro_batch != "auto":
+                raise UserError(f"system.micro_batch must be a positive number or \"auto\", got {self.micro_batch!r}")
+        elif self.micro_batch < 1:
             raise UserError(f"system.micro_batch must be positive, got {self.micro_batch}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise UserError(f"system.compile_mode: unknown mode {self.compile_mode!r} (choose {', '.join(COMPILE_MODES)})")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise UserError(f"system.sdpa_backend: unknown backend {self.sdpa_backend!r} (choose {', '.join(SDPA_BACKENDS)})")
         if self.threads < 0:
             raise UserError(f"system.threads must be >= 0 (0 keeps PyTorch's default), got {self.threads}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -291,6 +313,13 @@ def _coerce(value, hint, key: str):
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif origin in (typing.Union, types.UnionType):  # e.g. int | str: the first type that takes the value
+        for arm in typing.get_args(hint):
+            try:
+                return _coerce(value, arm, key)
+            except UserError:
+                pass
+        raise UserError(f"{key}: expected {' or '.join(a.__name__ for a in typing.get_args(hint))}, got {value!r}")
     elif origin is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, list):

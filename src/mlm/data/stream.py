@@ -62,14 +62,50 @@ class Windows:
         self.stream, self.seq_len, self.cls_id, self.sep_id = stream, seq_len, cls_id, sep_id
         self.content_len = seq_len - 2
         self.count = len(stream) // self.content_len
+        # Each shard seen as a (rows, content_len) matrix of the windows that lie wholly inside it, so a batch
+        # is one fancy-indexing copy per shard instead of one read per window.
+        C = self.content_len
+        self._rows = []  # per shard: (first window id, its rows as a 2-D view)
+        for shard, start in zip(stream.shards, stream.starts[:-1]):
+            first = -(-int(start) // C)  # the first window starting inside this shard
+            offset = first * C - int(start)
+            rows = max(0, (len(shard) - offset) // C)
+            self._rows.append((first, shard[offset : offset + rows * C].reshape(rows, C)))
 
     def batch(self, window_ids: np.ndarray) -> np.ndarray:
         """(B,) window ids → (B, seq_len) int64 token ids."""
+        window_ids = np.asarray(window_ids, dtype=np.int64)
         out = np.empty((len(window_ids), self.seq_len), dtype=np.int64)
         out[:, 0] = self.cls_id
         out[:, -1] = self.sep_id
-        for row, w in enumerate(window_ids):
-            out[row, 1:-1] = self.stream.read(int(w) * self.content_len, self.content_len)
+        done = np.zeros(len(window_ids), dtype=bool)
+        for first, rows in self._rows:
+            local = window_ids - first
+            inside = (local >= 0) & (local < len(rows))
+            out[inside, 1:-1] = rows[local[inside]]
+            done |= inside
+        for row in np.flatnonzero(~done):  # the few windows that straddle two shards
+            out[row, 1:-1] = self.stream.read(int(window_ids[row]) * self.content_len, self.content_len)
+        return out
+
+
+class SyntheticWindows:
+    """Random token windows for `mlm bench --synthetic`: window w is always the same tokens (a hash of w and
+    the position), drawn uniformly from the non-special ids and wrapped with the special tokens."""
+
+    def __init__(self, count: int, seq_len: int, vocab_size: int, cls_id: int, sep_id: int, special_ids: tuple[int, ...]):
+        self.count, self.seq_len, self.vocab_size, self.cls_id, self.sep_id = count, seq_len, vocab_size, cls_id, sep_id
+        self.specials = sorted(set(special_ids))
+
+    def batch(self, window_ids: np.ndarray) -> np.ndarray:
+        """(B,) window ids → (B, seq_len) int64 token ids."""
+        ids = np.asarray(window_ids, dtype=np.uint64)[:, None]
+        where = ids * np.uint64(self.seq_len) + np.arange(self.seq_len - 2, dtype=np.uint64)  # (B, T - 2)
+        draw = (_mix(where, key=0x5EED) % np.uint64(self.vocab_size - len(self.specials))).astype(np.int64)
+        for special in self.specials:  # shift past each special id: a bijection onto the non-special ids
+            draw += draw >= special
+        out = np.empty((len(ids), self.seq_len), dtype=np.int64)
+        out[:, 0], out[:, -1], out[:, 1:-1] = self.cls_id, self.sep_id, draw
         return out
 
 

@@ -78,6 +78,17 @@ def load_model(path: str | Path) -> nn.Module:
         raise UserError(f"{path}: cannot load it as a BERT/RoBERTa masked LM without running its code ({first})") from None
 
 
+def set_sdpa_backend(name: str, device: torch.device) -> None:
+    """system.sdpa_backend: allow only this kernel for scaled_dot_product_attention on CUDA ("auto": all, and
+    PyTorch picks). A process-wide PyTorch setting, read when attention runs or is compiled."""
+    if device.type != "cuda" or name == "auto":
+        return
+    torch.backends.cuda.enable_flash_sdp(name == "flash")
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_math_sdp(name == "math")
+
+
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups: biases and LayerNorm weights (all 1-D tensors) get no weight decay,
     as in BERT/RoBERTa pretraining and fine-tuning."""

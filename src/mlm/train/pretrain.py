@@ -28,11 +28,12 @@ from torch import nn
 
 from mlm import dist
 from mlm.config import PretrainConfig, parse_budget, save_config
-from mlm.data.masking import MaskingSpec, mask_tokens
+from mlm.data.loader import BatchLoader
+from mlm.data.masking import MaskingSpec, mask_tokens, masked_count
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, TokenStream, Windows
 from mlm.errors import UserError
-from mlm.model.build import build_model, count_parameters, hf_config, load_model
+from mlm.model.build import build_model, count_parameters, hf_config, load_model, set_sdpa_backend
 from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
 from mlm.train.checkpoint import (
     check_checkpoint,
@@ -43,6 +44,7 @@ from mlm.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from mlm.train.autobatch import auto_micro_batch
 from mlm.train.engines import Engine, build_engine, check_deepspeed
 from mlm.train.metrics import MetricsLogger
 from mlm.train.run_lock import LOCK_FILE, OWNER_FILE, lock_run_dir
@@ -72,6 +74,8 @@ class Setup:
     train: Windows
     validation: Windows | None
     sampler: Sampler
+    batches: BatchLoader
+    """This rank's token batch of each step, on the device, read ahead in a background thread."""
     masking: MaskingSpec
     accum: int
     start_step: int
@@ -86,6 +90,34 @@ def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
             raise UserError(f"system.device={name} but no CUDA GPU is available")
         return torch.device("cuda", info.local_rank) if name == "cuda" else torch.device(name)
     return torch.device("cpu")
+
+
+def wants_bf16(cfg: PretrainConfig, device: torch.device) -> bool:
+    return cfg.system.precision == "bf16" or (cfg.system.precision == "auto" and device.type == "cuda")
+
+
+def wants_compile(cfg: PretrainConfig, device: torch.device) -> bool:
+    return cfg.system.compile == "on" or (cfg.system.compile == "auto" and device.type == "cuda")
+
+
+def masking_spec(cfg: PretrainConfig, tokenizer) -> MaskingSpec:
+    return MaskingSpec(
+        rate=cfg.data.mask_rate,
+        mask_token_id=tokenizer.mask_token_id,
+        vocab_size=len(tokenizer),
+        special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+        per_token=cfg.data.per_token_masking,
+    )
+
+
+def resolve_micro_batch(cfg: PretrainConfig, hf_model: nn.Module, per_rank: int, device: torch.device,
+                        bf16: bool, log=print) -> PretrainConfig:
+    """cfg with system.micro_batch="auto" replaced by the micro-batch chosen for this model and device."""
+    if cfg.system.micro_batch != "auto":
+        return cfg
+    k = cfg.data.seq_len if cfg.data.per_token_masking else masked_count(cfg.data.seq_len, cfg.data.mask_rate)
+    micro = auto_micro_batch(hf_model, per_rank, cfg.data.seq_len, k, device, torch.bfloat16 if bf16 else None, log)
+    return dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, micro_batch=micro))
 
 
 def recipe_differences(config_path: Path, cfg: PretrainConfig) -> list[str]:
@@ -196,6 +228,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     device = resolve_device(cfg.system.device, info)
     if cfg.system.threads:
         torch.set_num_threads(cfg.system.threads)
+    set_sdpa_backend(cfg.system.sdpa_backend, device)
     if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)")
     run_dir = Path(cfg.run.out_dir)
@@ -219,19 +252,12 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     train, validation = load_data(cfg, manifest, tokenizer)
 
     per_rank, remainder = divmod(cfg.train.global_batch, info.world_size)
-    if remainder or per_rank % cfg.system.micro_batch:
+    if remainder or (cfg.system.micro_batch != "auto" and per_rank % cfg.system.micro_batch):
         raise UserError(
             f"train.global_batch={cfg.train.global_batch} is not a multiple of "
             f"system.micro_batch={cfg.system.micro_batch} × {info.world_size} rank(s)"
         )
-    accum = per_rank // cfg.system.micro_batch
-    bf16 = cfg.system.precision == "bf16" or (cfg.system.precision == "auto" and device.type == "cuda")
-    ds_config = None
-    if strategy == "deepspeed":
-        from mlm.train.deepspeed_config import resolve_deepspeed_config
-
-        ds_config = resolve_deepspeed_config(cfg.system.deepspeed_config, cfg, accum, device.type)
-        bf16 = bool(ds_config["bf16"]["enabled"])  # DeepSpeed casts the model itself: the file decides
+    bf16 = wants_bf16(cfg, device)
 
     if checkpoint is not None:
         hf_model = load_model(checkpoint)
@@ -250,7 +276,15 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     if cfg.data.seq_len > max_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {max_len} positions")
     hf_model.to(device).train()
-    compiled = cfg.system.compile == "on" or (cfg.system.compile == "auto" and device.type == "cuda")
+    cfg = resolve_micro_batch(cfg, hf_model, per_rank, device, bf16, log if info.is_main else lambda _: None)
+    accum = per_rank // cfg.system.micro_batch
+    ds_config = None
+    if strategy == "deepspeed":
+        from mlm.train.deepspeed_config import resolve_deepspeed_config
+
+        ds_config = resolve_deepspeed_config(cfg.system.deepspeed_config, cfg, accum, device.type)
+        bf16 = bool(ds_config["bf16"]["enabled"])  # DeepSpeed casts the model itself: the file decides
+    compiled = wants_compile(cfg, device)
     autocast_dtype = torch.bfloat16 if bf16 and strategy != "deepspeed" else None
     engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)
     start_step = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else 0
@@ -260,13 +294,8 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         run_dir.mkdir(parents=True, exist_ok=True)
         run_lock = lock_run_dir(run_dir)  # before anything in the folder changes
 
-    masking = MaskingSpec(
-        rate=cfg.data.mask_rate,
-        mask_token_id=tokenizer.mask_token_id,
-        vocab_size=len(tokenizer),
-        special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
-        per_token=cfg.data.per_token_masking,
-    )
+    masking = masking_spec(cfg, tokenizer)
+    sampler = Sampler(train.count, cfg.train.global_batch, cfg.train.seed)
     s = Setup(
         cfg=cfg,
         run_dir=run_dir,
@@ -279,7 +308,8 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         run_lock=run_lock,
         train=train,
         validation=validation,
-        sampler=Sampler(train.count, cfg.train.global_batch, cfg.train.seed),
+        sampler=sampler,
+        batches=BatchLoader(train, sampler, info.rank, info.world_size, device, cfg.system.prefetch),
         masking=masking,
         accum=accum,
         start_step=start_step,
@@ -423,19 +453,20 @@ def _masking_generator(device: torch.device, seed: int, step: int) -> torch.Gene
     return gen
 
 
+def masked_batch(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's slice of the global batch of `step`, masked on the device: (masked ids (N, T), positions
+    (N, K), labels (N, K)) with N = accum × micro_batch."""
+    batch = s.batches.get(step)  # (N, T); step + 1's is read meanwhile
+    # Draw masks for the global batch and keep this rank's rows: every sequence is masked alike whatever
+    # the micro-batch size or number of ranks.
+    gen = _masking_generator(s.device, s.cfg.train.seed, step)
+    return mask_tokens(batch, s.masking, gen, row_offset=s.info.rank * len(batch), total_rows=s.cfg.train.global_batch)
+
+
 def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One optimizer step; returns (mean loss, grad norm) as device tensors (no host synchronisation), and the lr."""
     cfg = s.cfg
-    ids = s.sampler.rank_batch_ids(step, s.info.rank, s.info.world_size)  # this rank's slice of the global batch
-    batch = torch.from_numpy(s.train.batch(ids))  # (accum × micro_batch, T)
-    if s.device.type == "cuda":
-        batch = batch.pin_memory().to(s.device, non_blocking=True)
-    # Draw masks for the global batch and keep this rank's rows, then split into micro-batches:
-    # every sequence is masked alike whatever the micro-batch size or number of ranks.
-    gen = _masking_generator(s.device, cfg.train.seed, step)
-    masked, positions, labels = mask_tokens(
-        batch, s.masking, gen, row_offset=s.info.rank * len(batch), total_rows=cfg.train.global_batch
-    )  # (N, T), (N, K), (N, K)
+    masked, positions, labels = masked_batch(s, step)  # (N, T), (N, K), (N, K)
     micro_batches = list(zip(*(t.split(cfg.system.micro_batch) for t in (masked, positions, labels))))
     loss_sum = torch.zeros((), device=s.device)
     for micro, (input_ids, micro_positions, micro_labels) in enumerate(micro_batches):
@@ -632,6 +663,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, log=print) -> dict:
         try:
             return fit(s, log)
         finally:
+            s.batches.close()
             if s.run_lock is not None:
                 s.run_lock.release()
     finally:

@@ -40,21 +40,23 @@ def build_engine(
     autocast_dtype: torch.dtype | None,
     ds_config: dict | None = None,
 ) -> Engine:
-    """Wrap a model (already on its device) and its AdamW in the chosen engine."""
+    """Wrap a model (already on its device) and its AdamW in the chosen engine; with `compile`, torch.compile
+    in system.compile_mode."""
+    compile_mode = cfg.system.compile_mode if compile else None
 
     def optimizer_factory(model: nn.Module) -> torch.optim.Optimizer:
-        return build_optimizer(model, cfg.train, fused=device.type == "cuda")
+        return build_optimizer(model, cfg.train, fused=device.type == "cuda" and cfg.system.fused_optimizer)
 
     if strategy == "ddp":
         from mlm.train.engines.torch_engines import DDPEngine
 
-        return DDPEngine(hf_model, optimizer_factory, device, info.distributed, compile, autocast_dtype)
+        return DDPEngine(hf_model, optimizer_factory, device, info.distributed, compile_mode, autocast_dtype)
     if strategy == "fsdp":
         from mlm.train.engines.torch_engines import FSDPEngine
 
-        return FSDPEngine(hf_model, optimizer_factory, device, compile, autocast_dtype, cfg.system.fsdp_reshard_after_forward)
+        return FSDPEngine(hf_model, optimizer_factory, device, compile_mode, autocast_dtype, cfg.system.fsdp_reshard_after_forward)
     if strategy == "deepspeed":
         from mlm.train.engines.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(hf_model, optimizer_factory, ds_config, device, compile)
+        return DeepSpeedEngine(hf_model, optimizer_factory, ds_config, device, compile_mode)
     raise UserError(f"system.strategy: unknown engine {strategy!r}")

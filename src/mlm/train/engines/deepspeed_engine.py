@@ -23,7 +23,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam state DeepSpeed partitions (besi
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
-    def __init__(self, hf_model: nn.Module, optimizer_factory, ds_config: dict, device: torch.device, compile: bool):
+    def __init__(self, hf_model: nn.Module, optimizer_factory, ds_config: dict, device: torch.device, compile_mode: str | None):
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         import deepspeed
@@ -35,8 +35,8 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.loss_model, optimizer=optimizer_factory(hf_model), config=ds_config, dist_init_required=False
         )
-        if compile:
-            self.engine.compile()
+        if compile_mode:
+            self.engine.compile(compile_kwargs={"mode": compile_mode})
         self.parameters = list(self.loss_model.named_parameters())  # shared (tied) weights listed once
 
     def forward_backward(self, input_ids, positions, labels, accum, last):

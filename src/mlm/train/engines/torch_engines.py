@@ -81,7 +81,7 @@ class DDPEngine(_TorchEngine):
     name = "ddp"
 
     def __init__(self, hf_model: nn.Module, optimizer_factory, device: torch.device, distributed: bool,
-                 compile: bool, autocast_dtype: torch.dtype | None):
+                 compile_mode: str | None, autocast_dtype: torch.dtype | None):
         self.hf_model, self.device, self.autocast_dtype = hf_model, device, autocast_dtype
         self.optimizer = optimizer_factory(hf_model)
         self.loss_model = MaskedLMLoss(hf_model)
@@ -94,7 +94,7 @@ class DDPEngine(_TorchEngine):
             train_module = self.ddp
         # Compile after wrapping: DDP then splits the graph at its gradient buckets, so the all-reduce of
         # one bucket overlaps the backward of the next (compiling first would hide the hooks from DDP).
-        self.train_module = torch.compile(train_module) if compile else train_module
+        self.train_module = torch.compile(train_module, mode=compile_mode) if compile_mode else train_module
 
     def forward_backward(self, input_ids, positions, labels, accum, last):
         sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
@@ -116,7 +116,7 @@ class FSDPEngine(_TorchEngine):
 
     name = "fsdp"
 
-    def __init__(self, hf_model: nn.Module, optimizer_factory, device: torch.device, compile: bool,
+    def __init__(self, hf_model: nn.Module, optimizer_factory, device: torch.device, compile_mode: str | None,
                  autocast_dtype: torch.dtype | None, reshard_after_forward: bool):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -128,8 +128,8 @@ class FSDPEngine(_TorchEngine):
         self.autocast_dtype = None if use_policy else autocast_dtype
         policy = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32) if use_policy else MixedPrecisionPolicy()
         for layer in hf_model.base_model.encoder.layer:
-            if compile:  # per layer, in place (names unchanged), before sharding: hooks stay outside the graphs
-                layer.compile()
+            if compile_mode:  # per layer, in place (names unchanged), before sharding: hooks stay outside the graphs
+                layer.compile(mode=compile_mode)
             fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=policy)
         fully_shard(self.loss_model, reshard_after_forward=reshard_after_forward, mp_policy=policy)
         # The optimizer is built on the sharded (DTensor) parameters, so its state is sharded too.
