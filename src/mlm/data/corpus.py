@@ -319,23 +319,29 @@ def iter_documents(
 def _read_lines(unit: Unit, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
     """One document per line whose first byte lies in [start, end); .jsonl lines are records."""
     stats.files += unit.start == 0
+    counted = unit.start  # bytes of [start, end) reported in stats.bytes_read so far
+
+    def count(pos: int) -> None:
+        nonlocal counted
+        stats.bytes_read += min(pos, unit.end) - counted
+        counted = min(pos, unit.end)
+
     with open(unit.path, "rb") as f:
         pos = unit.start
         if pos > 0:  # the line running across `start` belongs to the unit before
             f.seek(pos - 1)
-            skipped = len(f.readline()) - 1
-            pos += skipped
-            stats.bytes_read += skipped
+            pos += len(f.readline()) - 1
+            count(pos)
         line_no = None if unit.start else 0
         while pos < unit.end:
             raw = f.readline()
             if not raw:
                 break
             pos += len(raw)
-            stats.bytes_read += len(raw)
+            count(pos)
             line_no = None if line_no is None else line_no + 1
             yield _parse_line(raw, unit.path, options, stats, line_no, pos - len(raw))
-        stats.bytes_read += max(0, unit.end - pos)
+    count(unit.end)
 
 
 def _read_stream(unit: Unit, options: ReadOptions, stats: ReadStats) -> Iterator[str]:

@@ -102,7 +102,7 @@ class PrepareConfig:
         if self.shard_tokens < 1:
             raise UserError(f"shard_tokens must be positive, got {self.shard_tokens}")
         if self.unit_bytes < 1:
-            raise UserError(f"unit size must be positive, got {self.unit_bytes} bytes")
+            raise UserError(f"the work unit size (--unit-mb) must be positive, got {self.unit_bytes} bytes")
         if self.num_shards < 1:
             raise UserError(f"--num-shards must be at least 1, got {self.num_shards}")
         if not 0 <= self.shard_index < self.num_shards:
@@ -346,15 +346,17 @@ def process_unit(index: int, unit: Unit, s: UnitSettings, encode: Callable[[list
 # Worker state: each worker process loads the tokenizer once and reports progress on a queue.
 _worker_tokenizer = None
 _worker_queue = None
+_worker_parent = 0
 
 
 def _init_worker(tokenizer_json: str, queue=None) -> None:
-    global _worker_tokenizer, _worker_queue
+    global _worker_tokenizer, _worker_queue, _worker_parent
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker process = one core
     from tokenizers import Tokenizer
 
     _worker_tokenizer = Tokenizer.from_file(tokenizer_json)
     _worker_queue = queue
+    _worker_parent = os.getppid()
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
@@ -363,7 +365,15 @@ def _encode(texts: list[str]) -> list[list[int]]:
 
 def _unit_task(index: int, unit: Unit, settings: UnitSettings, max_documents: int | None) -> dict:
     """Run in a worker process: progress goes to the queue as it happens, the record comes back at the end."""
-    return process_unit(index, unit, settings, _encode, lambda *delta: _worker_queue.put(delta), max_documents)
+    record = process_unit(index, unit, settings, _encode, _report_to_parent, max_documents)
+    _worker_queue.put(("done", index))
+    return record
+
+
+def _report_to_parent(*delta) -> None:
+    if os.getppid() != _worker_parent:  # the main process was killed: stop, rather than work on unwatched
+        os._exit(1)
+    _worker_queue.put(delta)
 
 
 def _run_units(jobs: list[tuple[int, Unit, int | None]], settings: UnitSettings, tokenizer_json: str, workers: int,
@@ -380,17 +390,21 @@ def _run_units(jobs: list[tuple[int, Unit, int | None]], settings: UnitSettings,
     with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(tokenizer_json, queue)) as pool:
         # Only units (a path and two numbers) cross to the workers; each reads its own input.
         running = {index: pool.apply_async(_unit_task, (index, unit, settings, cap)) for index, unit, cap in jobs}
+        last_check = time.time()
         while running:
             try:
-                while True:
-                    report(*queue.get(timeout=0.2))
+                message = queue.get(timeout=0.5)
             except queue_module.Empty:
-                pass
-            for index in [i for i, r in running.items() if r.ready()]:
-                record = running.pop(index).get()  # re-raises a worker's error here
-                while not queue.empty():
-                    report(*queue.get())
-                yield index, record
+                message = None
+            if message is not None and message[0] == "done":
+                yield message[1], running.pop(message[1]).get()
+            elif message is not None:
+                report(*message)
+            if message is None or time.time() - last_check > 1.0:  # a worker's error is raised here
+                last_check = time.time()
+                for result in running.values():
+                    if result.ready() and not result.successful():
+                        result.get()
 
 
 # ---- progress ------------------------------------------------------------------------------------------
@@ -607,6 +621,9 @@ def _finalize(work: Path, out_dir: Path, log) -> dict:
         "splits": splits,
     }
     _write_json(work / MANIFEST, manifest)
+    (work / "shares.json").unlink(missing_ok=True)  # how the work was split is no part of the result
+    for stale in (work / PARTS_SUBDIR).glob(".*"):  # temporary files of killed runs
+        stale.unlink(missing_ok=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # empty, or replaced by --overwrite
     os.replace(work, out_dir)
