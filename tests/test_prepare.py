@@ -183,7 +183,7 @@ def test_a_share_with_other_settings_or_input_is_refused(corpus, tokenizer_dirs,
     (["--corpus", "BROKEN"], r"broken.txt.gz: not a readable gzip file"),
     (["--corpus", "BROKEN_ZST"], r"broken.jsonl.zst: not a readable zstd file"),
     (["--finalize", "NOWHERE"], r"nothing to finalize: .*nowhere.partial does not exist"),
-    (["--unit-mb", "0"], r"the work unit size \(--unit-mb\) must be positive"),
+    (["--unit-mb", "-1"], r"the work unit size \(--unit-mb\) must be positive \(or 0: automatic\)"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, tokenizer_dirs, args, message):
     (tmp_path / "c.txt").write_text("\n".join(make_documents(20)))
@@ -332,3 +332,12 @@ def test_a_stream_of_more_parts_than_open_files(reference, monkeypatch):
     for start in rng.integers(0, len(few) - 300, size=50):
         assert few.read(int(start), 300).tolist() == expected[start : start + 300].tolist()
     assert len(few._open) <= 2
+
+
+def test_unit_size_follows_the_corpus_size(tmp_path):
+    from mlm.data.corpus import auto_unit_bytes
+
+    for size, unit in [(6 * 2**20, 2**20), (2**30, 4 * 2**20), (32 * 2**30, 64 * 2**20)]:
+        with open(tmp_path / "c.txt", "wb") as f:
+            f.truncate(size)  # sparse: no disk used
+        assert auto_unit_bytes([str(tmp_path / "c.txt")]) == unit

@@ -58,7 +58,9 @@ def _add_prepare(subparsers) -> None:
     p.add_argument("--hf-split", default="train", help="split of a hub dataset (or of a saved DatasetDict)")
     p.add_argument("--document-per-file", action="store_true",
                    help="each .txt file is one document (a book, an article); default: one document per line")
-    p.add_argument("--unit-mb", type=float, default=64, help="input MB per work unit (the grain of parallel work and resumption)")
+    p.add_argument("--unit-mb", type=float, default=0,
+                   help="input MiB per work unit, the grain of parallel work and resumption (0: the corpus size / 256, "
+                   "between 1 and 64)")
     p.add_argument("--num-shards", type=int, default=1, help="split the work units into this many shares (machines)")
     p.add_argument("--shard-index", type=int, default=0, help="the share this run prepares (0 .. num-shards - 1)")
     p.add_argument("--max-documents", type=int, default=0, help="only the first N documents (a quick sample); 0: all")

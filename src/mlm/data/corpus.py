@@ -29,7 +29,9 @@ PLAIN = (".txt", ".jsonl")
 COMPRESSED = (".txt.gz", ".jsonl.gz", ".txt.zst", ".jsonl.zst")
 SUFFIXES = PLAIN + COMPRESSED + (".parquet",)
 SUFFIX_NAMES = ".txt, .jsonl (either also .gz or .zst) or .parquet"
-DEFAULT_UNIT_BYTES = 64 * 2**20
+MAX_UNIT_BYTES = 64 * 2**20
+MIN_UNIT_BYTES = 2**20
+UNITS_WANTED = 256
 _REPLACEMENT = "\ufffd"
 _BATCH_ROWS = 1024
 
@@ -141,11 +143,22 @@ def resolve_files(pattern: str) -> list[Path]:
 
 
 # ---- planning: corpus → units -------------------------------------------------------------------
-def plan_units(sources: list[str], options: ReadOptions, unit_bytes: int = DEFAULT_UNIT_BYTES) -> list[Unit]:
-    """Every work unit of the corpus, in corpus order. Fails (UserError) on a source that cannot be read,
-    before anything is written."""
+def auto_unit_bytes(sources: list[str]) -> int:
+    """Units of the local files' total size / 256, between 1 MiB and 64 MiB: enough units to keep many workers
+    busy to the end on a small corpus, few enough files on a large one. Depends on the corpus only."""
+    total = 0
+    for source in sources:
+        if source != DEMO_SOURCE and not source.startswith(HF_PREFIX) and not is_saved_dataset(Path(source)):
+            total += sum(f.stat().st_size for f in resolve_files(source))
+    return min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, total // UNITS_WANTED))
+
+
+def plan_units(sources: list[str], options: ReadOptions, unit_bytes: int = 0) -> list[Unit]:
+    """Every work unit of the corpus, in corpus order; `unit_bytes` 0 chooses the size (auto_unit_bytes).
+    Fails (UserError) on a source that cannot be read, before anything is written."""
     if not sources:
         raise UserError("no corpus given")
+    unit_bytes = unit_bytes or auto_unit_bytes(sources)
     units: list[Unit] = []
     for source in sources:
         if source == DEMO_SOURCE:

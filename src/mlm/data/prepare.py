@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mlm.data.corpus import DEFAULT_UNIT_BYTES, ReadOptions, ReadStats, Unit, check_sources, input_fingerprint, plan_units, read_unit
+from mlm.data.corpus import ReadOptions, ReadStats, Unit, check_sources, input_fingerprint, plan_units, read_unit
 from mlm.errors import UserError
 from mlm.tokenizer import load_tokenizer, save_tokenizer, tokenizer_family, tokenizer_fingerprint
 
@@ -79,8 +79,9 @@ class PrepareConfig:
     """Replace an existing data directory (or unfinished one) made with other settings or input."""
     document_per_file: bool = False
     """Each .txt file is one document (a book, an article) instead of one document per line."""
-    unit_bytes: int = DEFAULT_UNIT_BYTES
-    """Input bytes per work unit (large .txt/.jsonl files are cut at line boundaries; parquet by row groups)."""
+    unit_bytes: int = 0
+    """Input bytes per work unit (large .txt/.jsonl files are cut at line boundaries; parquet by row groups);
+    0 chooses: the local files' total size / 256, between 1 MiB and 64 MiB."""
     num_shards: int = 1
     """Split the work units into this many shares, each prepared by its own `mlm prepare` (machines)."""
     shard_index: int = 0
@@ -101,8 +102,8 @@ class PrepareConfig:
             raise UserError(f"workers must be at least 1, got {self.workers}")
         if self.shard_tokens < 1:
             raise UserError(f"shard_tokens must be positive, got {self.shard_tokens}")
-        if self.unit_bytes < 1:
-            raise UserError(f"the work unit size (--unit-mb) must be positive, got {self.unit_bytes} bytes")
+        if self.unit_bytes < 0:
+            raise UserError(f"the work unit size (--unit-mb) must be positive (or 0: automatic), got {self.unit_bytes} bytes")
         if self.num_shards < 1:
             raise UserError(f"--num-shards must be at least 1, got {self.num_shards}")
         if not 0 <= self.shard_index < self.num_shards:
