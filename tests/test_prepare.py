@@ -341,3 +341,22 @@ def test_unit_size_follows_the_corpus_size(tmp_path):
         with open(tmp_path / "c.txt", "wb") as f:
             f.truncate(size)  # sparse: no disk used
         assert auto_unit_bytes([str(tmp_path / "c.txt")]) == unit
+
+
+@pytest.mark.slow
+def test_the_slurm_array_script_prepares_every_share(corpus, tokenizer_dirs, reference, tmp_path):
+    """scripts/slurm/prepare.sbatch run as SLURM runs an array task: one share per task, the last finalizes."""
+    script = ROOT / "scripts" / "slurm" / "prepare.sbatch"
+    out = tmp_path / "data"
+    args = ["--corpus", str(corpus), "--tokenizer", str(tokenizer_dirs["roberta"]), "--out", str(out),
+            "--val-fraction", "0.1", "--unit-mb", str(2048 / 2**20), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_JOB_ID": "7",
+           "SLURM_CPUS_PER_TASK": "1"}
+    for index in (1, 0, 2):
+        result = subprocess.run(["bash", str(script), *args], env={**env, "SLURM_ARRAY_TASK_ID": str(index)},
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert folder_bytes(out) == folder_bytes(reference)
+    gap = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60,
+                         env={**env, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3"})
+    assert gap.returncode == 2 and "use --array=0-2" in gap.stderr
