@@ -181,6 +181,7 @@ def main() -> None:
     parser.add_argument("--sample-mb", type=float, default=20, help="text the single-core tokenizer rate is measured on")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the best is reported")
     parser.add_argument("--work-dir", help="scratch folder (default: a temporary one, removed at the end)")
+    parser.add_argument("--skip-run-mlm", action="store_true", help="measure only mlm prepare and the tokenizer alone")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_prepare_"))
@@ -211,13 +212,13 @@ def main() -> None:
     single = best("tokenizer", lambda: [str(tokenizer), str(corpus), args.sample_mb])
     ours_1 = best("mlm", lambda: [str(tokenizer), str(corpus), 1, fresh("mlm-1")])
     ours = best("mlm", lambda: [str(tokenizer), str(corpus), args.workers, fresh("mlm")])
-    theirs = best("run_mlm", lambda: [str(tokenizer), str(corpus), args.workers, fresh("hf-cache")])
+    theirs = None if args.skip_run_mlm else best("run_mlm", lambda: [str(tokenizer), str(corpus), args.workers, fresh("hf-cache")])
 
     print("\npeak MB: PSS of the process tree; disk: everything the path leaves (run_mlm: datasets' cache files)")
     print(f"{'path':<34}{'tokens':>14}{'seconds':>9}{'tokens/s':>12}{'peak MB':>9}{'disk B/token':>14}")
     rows = [
         ("tokenizer alone, encode_batch, 1 core", single, None),
-        (f"run_mlm.py datasets path, W={args.workers}", theirs, theirs["disk_bytes"]),
+        *([(f"run_mlm.py datasets path, W={args.workers}", theirs, theirs["disk_bytes"])] if theirs else []),
         ("mlm prepare --workers 1", ours_1, ours_1["disk_bytes"]),
         (f"mlm prepare --workers {args.workers}", ours, ours["disk_bytes"]),
     ]
@@ -231,6 +232,8 @@ def main() -> None:
     print(f"\nparallel efficiency: {text_rate:,.0f} text tokens/s / ({args.workers} × {single['tokens_per_s']:,.0f}) = "
           f"{100 * efficiency:.0f}% of W × the single-core tokenizer rate "
           f"(1 worker: {100 * (ours_1['tokens'] - ours_1['documents']) / ours_1['seconds'] / single['tokens_per_s']:.0f}%)")
+    if theirs is None:
+        return
     print(f"mlm prepare vs run_mlm.py path: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}× the tokens/s, "
           f"{ours['peak_bytes'] / max(theirs['peak_bytes'], 1):.2f}× the peak memory, "
           f"{ours['disk_bytes'] / ours['tokens']:.2f} vs {theirs['disk_bytes'] / theirs['tokens']:.2f} bytes/token on disk")

@@ -360,3 +360,13 @@ def test_the_slurm_array_script_prepares_every_share(corpus, tokenizer_dirs, ref
     gap = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60,
                          env={**env, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "3"})
     assert gap.returncode == 2 and "use --array=0-2" in gap.stderr
+
+
+def test_progress_in_documents_where_only_row_counts_are_known():
+    from mlm.data.prepare import Progress
+
+    lines = []
+    progress = Progress(total=1000, done=200, by_rows=True, units=4, enabled=True, every_s=0, log=lines.append)
+    progress.update(400, 9000, 0)  # a hub dataset's shard: documents, no byte count
+    progress.close()
+    assert " | 60% | ETA " in lines[-1] and "400 documents" in lines[-1]

@@ -490,8 +490,10 @@ def _open_binary(path: Path, raw_file=None):
 
 
 def _compressed_error(path: Path, e: Exception) -> str:
-    kind = "zstd" if path.name.endswith(".zst") else "gzip"
-    return f"{path}: not a readable {kind} file ({_first_line(e) or 'truncated'})"
+    if isinstance(e, OSError) and e.errno is not None:  # permissions, a vanished file: not the format
+        return f"{path}: cannot read ({e.strerror})"
+    kind = "zstd" if path.name.endswith(".zst") else "gzip" if path.name.endswith(".gz") else "text"
+    return f"{path}: not a readable {kind} file ({_first_line(e)})"
 
 
 def _first_line(e: Exception) -> str:

@@ -410,25 +410,25 @@ def _run_units(jobs: list[tuple[int, Unit, int | None]], settings: UnitSettings,
 
 # ---- progress ------------------------------------------------------------------------------------------
 class Progress:
-    """Documents/s, tokens/s, input MB/s and an ETA (when the input size is known): a tqdm bar on a terminal,
-    a plain line every `every_s` seconds otherwise (log files: SLURM, nohup)."""
+    """Documents/s, tokens/s, input MB/s and an ETA where the input's size is known (file sizes, or a dataset's
+    row count): a tqdm bar on a terminal, a plain line every `every_s` seconds otherwise (SLURM, nohup)."""
 
-    def __init__(self, total_bytes: int, done_bytes: int, units: int, enabled: bool, every_s: float, log):
+    def __init__(self, total: int, done: int, by_rows: bool, units: int, enabled: bool, every_s: float, log):
         from tqdm.auto import tqdm
 
-        self.total_bytes, self.units, self.every_s, self.log = total_bytes, units, every_s, log
+        self.total, self.done, self.by_rows = total, done, by_rows  # in bytes, or in documents when by_rows
+        self.units, self.every_s, self.log = units, every_s, log
         self.docs = self.tokens = self.bytes = self.units_done = 0
         self.start = self.last_line = time.time()
-        self.done_bytes = done_bytes
         self.plain = enabled and not sys.stderr.isatty()
-        self.bar = tqdm(total=total_bytes or None, initial=done_bytes, unit="B", unit_scale=True, dynamic_ncols=True,
-                        disable=not enabled or self.plain, desc="prepare")
+        self.bar = tqdm(total=total or None, initial=done, unit="doc" if by_rows else "B", unit_scale=True,
+                        dynamic_ncols=True, disable=not enabled or self.plain, desc="prepare")
 
     def update(self, docs: int, tokens: int, nbytes: int) -> None:
         self.docs += docs
         self.tokens += tokens
         self.bytes += nbytes
-        self.bar.update(nbytes)
+        self.bar.update(docs if self.by_rows else nbytes)
         elapsed = max(time.time() - self.start, 1e-9)
         self.bar.set_postfix_str(f"{self.docs / elapsed:,.0f} docs/s, {self.tokens / elapsed:,.0f} tokens/s", refresh=False)
         if self.plain and time.time() - self.last_line >= self.every_s:
@@ -442,10 +442,11 @@ class Progress:
         elapsed = max(time.time() - self.start, 1e-9)
         text = (f"prepare: {self.units_done}/{self.units} units | {self.docs:,} documents ({self.docs / elapsed:,.0f}/s) | "
                 f"{self.tokens:,} tokens ({self.tokens / elapsed:,.0f}/s) | {self.bytes / elapsed / 1e6:,.1f} MB/s")
-        if self.total_bytes and self.bytes:
-            done = self.done_bytes + self.bytes
-            eta = datetime.timedelta(seconds=round((self.total_bytes - done) * elapsed / self.bytes))
-            text += f" | {100 * done / self.total_bytes:.0f}% | ETA {eta}"
+        progressed = self.docs if self.by_rows else self.bytes
+        if self.total and progressed:
+            done = min(self.total, self.done + progressed)
+            eta = datetime.timedelta(seconds=round((self.total - done) * elapsed / progressed))
+            text += f" | {100 * done / self.total:.0f}% | ETA {eta}"
         return text
 
     def close(self) -> None:
@@ -494,11 +495,14 @@ def _process_share(cfg: PrepareConfig, plan: dict, work: Path, log) -> None:
     settings = UnitSettings(str(parts_dir), ReadOptions(cfg.text_field, cfg.hf_split, cfg.document_per_file),
                             cfg.val_fraction, cfg.shard_tokens, plan["dtype"], plan["tokenizer"]["separator_id"],
                             cfg.docs_per_task, cfg.dedup)
-    total_bytes = sum(units[i].size for i in mine) if all(units[i].size for i in mine) else 0
-    done_bytes = sum(units[i].size for i in mine if i not in pending) if total_bytes else 0
+    # Progress in input bytes where every unit's size is known, else in documents where the row counts are.
+    by_rows = not all(units[i].size for i in mine) and all(units[i].rows for i in mine)
+    measure = (lambda u: u.rows) if by_rows else (lambda u: u.size)
+    total = sum(measure(units[i]) for i in mine) if all(measure(units[i]) for i in mine) else 0
+    done = sum(measure(units[i]) for i in mine if i not in pending) if total else 0
     if len(pending) < len(mine):
         log(f"resuming: {len(mine) - len(pending)} of {len(mine)} work units already done")
-    progress = Progress(total_bytes, done_bytes, len(mine), cfg.progress, cfg.log_every_s, log)
+    progress = Progress(total, done, by_rows, len(mine), cfg.progress, cfg.log_every_s, log)
     progress.units_done = len(mine) - len(pending)
     kill_after = int(os.environ.get(KILL_AFTER_UNITS, "0"))
     tokenizer_json = str(work / TOKENIZER_SUBDIR / "tokenizer.json")
