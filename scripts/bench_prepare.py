@@ -232,11 +232,10 @@ def main() -> None:
     print(f"\nparallel efficiency: {text_rate:,.0f} text tokens/s / ({args.workers} × {single['tokens_per_s']:,.0f}) = "
           f"{100 * efficiency:.0f}% of W × the single-core tokenizer rate "
           f"(1 worker: {100 * (ours_1['tokens'] - ours_1['documents']) / ours_1['seconds'] / single['tokens_per_s']:.0f}%)")
-    if theirs is None:
-        return
-    print(f"mlm prepare vs run_mlm.py path: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}× the tokens/s, "
-          f"{ours['peak_bytes'] / max(theirs['peak_bytes'], 1):.2f}× the peak memory, "
-          f"{ours['disk_bytes'] / ours['tokens']:.2f} vs {theirs['disk_bytes'] / theirs['tokens']:.2f} bytes/token on disk")
+    if theirs is not None:
+        print(f"mlm prepare vs run_mlm.py path: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}× the tokens/s, "
+              f"{ours['peak_bytes'] / max(theirs['peak_bytes'], 1):.2f}× the peak memory, "
+              f"{ours['disk_bytes'] / ours['tokens']:.2f} vs {theirs['disk_bytes'] / theirs['tokens']:.2f} bytes/token on disk")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
 
