@@ -16,7 +16,6 @@ import gzip
 import importlib.util
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator

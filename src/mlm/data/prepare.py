@@ -45,7 +45,7 @@ PARTS_SUBDIR = "parts"
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 KILL_AFTER_UNITS = "MLM_PREPARE_KILL_AFTER_UNITS"
-"""Tests only: the process kills itself (SIGKILL) after this many units, as a crash would."""
+"""Tests only: once this many units are done, the main process is killed (SIGKILL), as a crash would."""
 
 
 def _default_workers() -> int:
@@ -341,7 +341,18 @@ def process_unit(index: int, unit: Unit, s: UnitSettings, encode: Callable[[list
         "splits": {split: w.commit() for split, w in writers.items()},
     }
     _write_json(_marker(parts_dir, index), record)
+    _crash_for_tests(parts_dir)
     return record
+
+
+def _crash_for_tests(parts_dir: Path) -> None:
+    after = int(os.environ.get(KILL_AFTER_UNITS, "0"))
+    if after and len(list(parts_dir.glob("*.json"))) >= after:
+        try:
+            os.kill(_worker_parent if _worker_queue is not None else os.getpid(), signal.SIGKILL)
+        except ProcessLookupError:  # another worker was first
+            pass
+        os._exit(1)  # in a worker: go with the main process
 
 
 # Worker state: each worker process loads the tokenizer once and reports progress on a queue.
@@ -457,6 +468,7 @@ class Progress:
 def prepare(cfg: PrepareConfig, log=print) -> dict | None:
     """Prepare the corpus (this run's share of it) into `cfg.out_dir`. Returns the manifest once every unit
     is done (this run finished the last one, or the data was already complete), else None."""
+    started = time.time()
     out_dir = Path(cfg.out_dir)
     check_sources(cfg.sources, log)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -478,7 +490,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict | None:
             return read_manifest(out_dir)
         missing = _missing_units(work, len(plan["units"]))
         if not missing:
-            return _finalize(work, out_dir, log)
+            return _finalize(work, out_dir, log, started)
     log(f"share {cfg.shard_index} of {cfg.num_shards} is done; {len(missing)} of {len(plan['units'])} work units are "
         f"left to other shares: the last share to finish writes the manifest (or run mlm prepare --finalize {out_dir})")
     return None
@@ -504,20 +516,25 @@ def _process_share(cfg: PrepareConfig, plan: dict, work: Path, log) -> None:
         log(f"resuming: {len(mine) - len(pending)} of {len(mine)} work units already done")
     progress = Progress(total, done, by_rows, len(mine), cfg.progress, cfg.log_every_s, log)
     progress.units_done = len(mine) - len(pending)
-    kill_after = int(os.environ.get(KILL_AFTER_UNITS, "0"))
     tokenizer_json = str(work / TOKENIZER_SUBDIR / "tokenizer.json")
     start = time.time()
-    if cfg.max_documents:  # a sample in corpus order: one unit after another, each told what is left
-        runs = (([(i, units[i], _documents_left(parts_dir, i, cfg.max_documents))], 1) for i in pending)
-    else:  # the largest units first, so that no worker is left with a big one at the end
-        runs = iter([([(i, units[i], None) for i in sorted(pending, key=lambda i: -units[i].size)], cfg.workers)])
     finished = 0
-    for jobs, workers in runs:
-        for _ in _run_units(jobs, settings, tokenizer_json, workers, progress.update):
-            progress.unit_done()
-            finished += 1
-            if kill_after and finished >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+
+    def unit_done() -> None:
+        nonlocal finished
+        progress.unit_done()
+        finished += 1
+
+    if cfg.max_documents:  # a sample in corpus order: one unit after another, each told what is left
+        left = cfg.max_documents - sum(_read_json(_marker(parts_dir, i))["documents"] for i in mine if i not in pending)
+        _init_worker(tokenizer_json)  # this process reads the sample
+        for i in pending:
+            left -= process_unit(i, units[i], settings, _encode, progress.update, left)["documents"]
+            unit_done()
+    else:  # the largest units first, so that no worker is left with a big one at the end
+        jobs = [(i, units[i], None) for i in sorted(pending, key=lambda i: -units[i].size)]
+        for _ in _run_units(jobs, settings, tokenizer_json, cfg.workers, progress.update):
+            unit_done()
     progress.close()
     if cfg.progress and finished:
         log(progress.line())
@@ -528,18 +545,13 @@ def _process_share(cfg: PrepareConfig, plan: dict, work: Path, log) -> None:
             f"of input, {cfg.workers} worker(s))")
 
 
-def _documents_left(parts_dir: Path, index: int, max_documents: int) -> int:
-    """For a sample: how many documents unit `index` may still take (the units before it are done)."""
-    taken = sum(_read_json(_marker(parts_dir, i))["documents"] for i in range(index))
-    return max_documents - taken
-
-
 def _missing_units(work: Path, count: int) -> list[int]:
     return [i for i in range(count) if not _marker(work / PARTS_SUBDIR, i).is_file()]
 
 
 def finalize(out_dir: str | Path, log=print) -> dict:
     """`mlm prepare --finalize OUT`: check that every work unit is done and write the manifest."""
+    started = time.time()
     out_dir = Path(out_dir)
     work = partial_dir(out_dir)
     with _lock(out_dir):
@@ -563,10 +575,10 @@ def finalize(out_dir: str | Path, log=print) -> dict:
             )
             raise UserError(f"{len(missing)} of {len(plan['units'])} work units of {out_dir} are not done, from {named}: "
                             "run those shares (again), then --finalize")
-        return _finalize(work, out_dir, log)
+        return _finalize(work, out_dir, log, started)
 
 
-def _finalize(work: Path, out_dir: Path, log) -> dict:
+def _finalize(work: Path, out_dir: Path, log, started: float) -> dict:
     """Every unit is done: gather the records, check the parts, write the manifest, rename to out_dir."""
     plan = _read_json(work / PLAN)
     records = [_read_json(_marker(work / PARTS_SUBDIR, i)) for i in range(len(plan["units"]))]
@@ -638,7 +650,7 @@ def _finalize(work: Path, out_dir: Path, log) -> dict:
         f"{splits['validation']['tokens']:,} validation tokens in {len(records)} work unit(s) | "
         f"{stats.empty:,} empty documents skipped | {stats.bad_utf8:,} invalid UTF-8 sequences replaced"
         + (f" | {duplicates:,} duplicates removed" if settings["dedup"] else "")
-        + f" | {disk / max(tokens, 1):.2f} bytes/token on disk → {out_dir}"
+        + f" | {disk / max(tokens, 1):.2f} bytes/token on disk | {time.time() - started:.1f}s → {out_dir}"
     )
     return manifest
 
