@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,12 @@ HERE = Path(__file__).resolve().parent
 
 
 # ---- measured in child processes -------------------------------------------------------------------------
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its children that have ended (pool workers included)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def tokenizer_alone(tokenizer_dir: str, corpus: str, sample_mb: float) -> dict:
     """Single-core rate of the Rust tokenizer on the first `sample_mb` MB: encode_batch of 512-line batches."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -45,12 +52,12 @@ def tokenizer_alone(tokenizer_dir: str, corpus: str, sample_mb: float) -> dict:
                 size += len(line.encode())
             if size >= sample_mb * 1e6:
                 break
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     tokens = 0
     for i in range(0, len(lines), 512):
         tokens += sum(len(e.ids) for e in tok.encode_batch(lines[i : i + 512], add_special_tokens=False))
     seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "cpu": cpu_seconds() - cpu}
 
 
 def run_mlm_path(tokenizer_dir: str, corpus: str, workers: int, cache_dir: str) -> dict:
@@ -60,7 +67,7 @@ def run_mlm_path(tokenizer_dir: str, corpus: str, workers: int, cache_dir: str) 
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     raw = datasets.load_dataset("text", data_files={"train": corpus}, cache_dir=cache_dir)["train"]
 
     def tokenize(examples):
@@ -75,11 +82,11 @@ def run_mlm_path(tokenizer_dir: str, corpus: str, workers: int, cache_dir: str) 
         return {k: [t[i : i + block] for i in range(0, total, block)] for k, t in concatenated.items()}
 
     grouped = tokenized.map(group_texts, batched=True, num_proc=workers)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     tokens = sum(len(ids) for batch in tokenized.iter(batch_size=10_000) for ids in batch["input_ids"])
     disk = sum(p.stat().st_size for p in Path(cache_dir).rglob("*.arrow"))
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "disk_bytes": disk,
-            "grouped_sequences": len(grouped)}
+            "grouped_sequences": len(grouped), "cpu": cpu}
 
 
 def mlm_prepare_path(tokenizer_dir: str, corpus: str, workers: int, out: str) -> dict:
@@ -90,13 +97,13 @@ def mlm_prepare_path(tokenizer_dir: str, corpus: str, workers: int, out: str) ->
     from mlm.data.prepare import PrepareConfig, prepare
 
     AutoTokenizer.from_pretrained(tokenizer_dir)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     manifest = prepare(PrepareConfig([corpus], tokenizer_dir, out, workers=workers, progress=False), log=lambda _: None)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     tokens = sum(s["tokens"] for s in manifest["splits"].values())
     disk = sum(p.stat().st_size for p in Path(out).rglob("*.bin"))
     return {"tokens": tokens, "documents": manifest["documents"], "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "disk_bytes": disk}
+            "disk_bytes": disk, "cpu": cpu}
 
 
 # ---- the parent: runs each measurement in a child and watches its process tree's memory ------------------
@@ -215,7 +222,7 @@ def main() -> None:
     theirs = None if args.skip_run_mlm else best("run_mlm", lambda: [str(tokenizer), str(corpus), args.workers, fresh("hf-cache")])
 
     print("\npeak MB: PSS of the process tree; disk: everything the path leaves (run_mlm: datasets' cache files)")
-    print(f"{'path':<34}{'tokens':>14}{'seconds':>9}{'tokens/s':>12}{'peak MB':>9}{'disk B/token':>14}")
+    print(f"{'path':<34}{'tokens':>14}{'seconds':>9}{'tokens/s':>12}{'CPU s':>8}{'peak MB':>9}{'disk B/token':>14}")
     rows = [
         ("tokenizer alone, encode_batch, 1 core", single, None),
         *([(f"run_mlm.py datasets path, W={args.workers}", theirs, theirs["disk_bytes"])] if theirs else []),
@@ -224,7 +231,7 @@ def main() -> None:
     ]
     for name, r, disk in rows:
         per_token = f"{disk / r['tokens']:.2f}" if disk else "-"
-        print(f"{name:<34}{r['tokens']:>14,}{r['seconds']:>9.1f}{r['tokens_per_s']:>12,.0f}"
+        print(f"{name:<34}{r['tokens']:>14,}{r['seconds']:>9.1f}{r['tokens_per_s']:>12,.0f}{r['cpu']:>8.1f}"
               f"{r['peak_bytes'] / 2**20:>9,.0f}{per_token:>14}")
     # The tokenizer alone counts no separators: compare like with like.
     text_rate = (ours["tokens"] - ours["documents"]) / ours["seconds"]
@@ -232,6 +239,11 @@ def main() -> None:
     print(f"\nparallel efficiency: {text_rate:,.0f} text tokens/s / ({args.workers} × {single['tokens_per_s']:,.0f}) = "
           f"{100 * efficiency:.0f}% of W × the single-core tokenizer rate "
           f"(1 worker: {100 * (ours_1['tokens'] - ours_1['documents']) / ours_1['seconds'] / single['tokens_per_s']:.0f}%)")
+    # On a machine shared with other jobs the workers get less than W cores: the CPU time tells both apart.
+    work = (ours["tokens"] - ours["documents"]) / ours["cpu"] / (single["tokens"] / single["cpu"])
+    print(f"work efficiency: {100 * work:.0f}% (text tokens per CPU-second of the whole process tree vs the tokenizer "
+          f"alone); CPU received: {ours['cpu']:.1f} CPU-s in {ours['seconds']:.1f}s = "
+          f"{100 * ours['cpu'] / ours['seconds'] / args.workers:.0f}% of {args.workers} cores")
     if theirs is not None:
         print(f"mlm prepare vs run_mlm.py path: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}× the tokens/s, "
               f"{ours['peak_bytes'] / max(theirs['peak_bytes'], 1):.2f}× the peak memory, "

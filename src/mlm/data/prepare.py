@@ -24,6 +24,8 @@ import json
 import multiprocessing as mp
 import os
 import queue as queue_module
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import shutil
 import signal
 import sys
@@ -399,24 +401,26 @@ def _run_units(jobs: list[tuple[int, Unit, int | None]], settings: UnitSettings,
     # spawn, not fork: a forked copy of a process that already used the Rust tokenizer can deadlock.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with ctx.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(tokenizer_json, queue)) as pool:
+    # ProcessPoolExecutor, not Pool: a worker that dies (killed, out of memory) fails the run instead of hanging it.
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
+                             initargs=(tokenizer_json, queue)) as pool:
         # Only units (a path and two numbers) cross to the workers; each reads its own input.
-        running = {index: pool.apply_async(_unit_task, (index, unit, settings, cap)) for index, unit, cap in jobs}
-        last_check = time.time()
+        running = {pool.submit(_unit_task, index, unit, settings, cap) for index, unit, cap in jobs}
         while running:
             try:
                 message = queue.get(timeout=0.5)
             except queue_module.Empty:
                 message = None
-            if message is not None and message[0] == "done":
-                yield message[1], running.pop(message[1]).get()
-            elif message is not None:
+            if message is not None and message[0] != "done":
                 report(*message)
-            if message is None or time.time() - last_check > 1.0:  # a worker's error is raised here
-                last_check = time.time()
-                for result in running.values():
-                    if result.ready() and not result.successful():
-                        result.get()
+            for future in [f for f in running if f.done()]:
+                running.remove(future)
+                try:
+                    record = future.result()  # a worker's UserError is raised here
+                except BrokenProcessPool:
+                    raise UserError("a worker process died (killed, or out of memory?): run the same command again "
+                                    "to continue; fewer --workers use less memory") from None
+                yield record["unit"], record
 
 
 # ---- progress ------------------------------------------------------------------------------------------
