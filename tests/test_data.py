@@ -143,11 +143,12 @@ def test_files_a_corpus_folder_leaves_out_are_named(tmp_path, tokenizer_dirs):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("\n".join(make_documents(50)))
     (tmp_path / "corpus" / "notes.md").write_text("# notes")
-    (tmp_path / "corpus" / "b.txt.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "corpus" / "b.txt.bz2").write_bytes(b"BZh")
     messages = []
     prepare(PrepareConfig([str(tmp_path / "corpus")], str(tokenizer_dirs["bert"]), str(tmp_path / "d"), workers=1),
             log=messages.append)
-    assert f"note: {tmp_path / 'corpus'}: skipping 2 file(s) that are not .txt, .jsonl or .parquet: b.txt.gz, notes.md" in messages
+    assert (f"note: {tmp_path / 'corpus'}: skipping 2 file(s) that are not .txt, .jsonl (either also .gz or .zst) "
+            "or .parquet: b.txt.bz2, notes.md") in messages
 
 
 def test_a_corpus_too_small_for_its_validation_fraction_is_warned(tmp_path, tokenizer_dirs):

@@ -48,25 +48,45 @@ def _add_prepare(subparsers) -> None:
     p = subparsers.add_parser(
         "prepare", help="tokenize a corpus into memory-mapped token shards",
         description="Tokenize a corpus once, in parallel, into memory-mapped token shards (train + validation) "
-        "and manifest.json; mlm pretrain reads them and cuts sequences of any length.",
+        "and manifest.json; mlm pretrain reads them and cuts sequences of any length. A killed run continues "
+        "where it stopped when started again with the same arguments; --num-shards/--shard-index split the work "
+        "across machines.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--corpus", nargs="+", required=True, help="files, folders, globs, hf:NAME[:CONFIG], or demo")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory or hub name")
-    p.add_argument("--out", required=True, help="data directory to write")
+    p.add_argument("--corpus", nargs="+", default=None,
+                   help="files, folders, globs (.txt, .jsonl, also .gz/.zst; .parquet), a save_to_disk folder, "
+                   "hf:NAME[:CONFIG], or demo")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub name")
+    p.add_argument("--out", help="data directory to write")
     p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for validation")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: cores - 1)")
-    p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
-    p.add_argument("--hf-split", default="train", help="split of a hub dataset")
+    p.add_argument("--workers", type=int, default=None, help="processes reading and tokenizing (default: the cores)")
+    p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/dataset records holding the text")
+    p.add_argument("--hf-split", default="train", help="split of a hub dataset (or of a saved DatasetDict)")
     p.add_argument("--document-per-file", action="store_true",
                    help="each .txt file is one document (a book, an article); default: one document per line")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing data directory")
+    p.add_argument("--unit-mb", type=float, default=0,
+                   help="input MiB per work unit, the grain of parallel work and resumption (0: the corpus size / 256, "
+                   "between 1 and 64)")
+    p.add_argument("--num-shards", type=int, default=1, help="split the work units into this many shares (machines)")
+    p.add_argument("--shard-index", type=int, default=0, help="the share this run prepares (0 .. num-shards - 1)")
+    p.add_argument("--max-documents", type=int, default=0, help="only the first N documents (a quick sample); 0: all")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (by hash) within each work unit")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or progress lines")
+    p.add_argument("--finalize", metavar="DIR", help="check that every share of DIR is done and write its manifest")
+    p.add_argument("--overwrite", action="store_true", help="replace a data directory made with other settings or input")
     p.set_defaults(func=_run_prepare)
 
 
 def _run_prepare(args: argparse.Namespace) -> None:
-    from mlm.data.prepare import PrepareConfig, prepare
+    from mlm.data.prepare import PrepareConfig, finalize, prepare
 
+    if args.finalize:
+        finalize(args.finalize)
+        return
+    missing = [name for name, value in (("--corpus", args.corpus), ("--tokenizer", args.tokenizer), ("--out", args.out))
+               if not value]
+    if missing:
+        raise UserError(f"mlm prepare needs {', '.join(missing)} (or --finalize DIR)")
     options = {"workers": args.workers} if args.workers is not None else {}
     cfg = PrepareConfig(
         sources=args.corpus,
@@ -77,6 +97,12 @@ def _run_prepare(args: argparse.Namespace) -> None:
         hf_split=args.hf_split,
         overwrite=args.overwrite,
         document_per_file=args.document_per_file,
+        unit_bytes=int(args.unit_mb * 2**20),
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        max_documents=args.max_documents,
+        dedup=args.dedup,
+        progress=args.progress,
         **options,
     )
     prepare(cfg)

@@ -9,6 +9,7 @@ only the step number, and the global batch is the same whatever the number of ra
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,12 @@ import numpy as np
 from mlm.data.prepare import read_manifest
 from mlm.errors import UserError
 
+OPEN_SHARDS = 256
+"""Shard files kept memory-mapped at once by one TokenStream."""
+
 
 class TokenStream:
-    """One split's token stream, memory-mapped across its shard files."""
+    """One split's token stream, memory-mapped across its shard files (a prepared corpus's parts, in order)."""
 
     def __init__(self, data_dir: str | Path, split: str, manifest: dict | None = None):
         manifest = manifest or read_manifest(data_dir)
@@ -32,9 +36,24 @@ class TokenStream:
             if not path.is_file() or path.stat().st_size < tokens * dtype.itemsize:
                 state = "missing" if not path.is_file() else "truncated"
                 raise UserError(f"{path} is {state} ({tokens:,} tokens expected): run `mlm prepare` again")
-        self.shards = [np.memmap(path, dtype=dtype, mode="r", shape=(tokens,)) for path, tokens in shards]
+        self.dtype = dtype
+        self.paths = [path for path, _ in shards]
+        self.lengths = [tokens for _, tokens in shards]
         # starts[i] = offset of shard i in the stream; starts[-1] = total length.
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+        self.starts = np.cumsum([0] + self.lengths)
+        # A prepared corpus may have thousands of parts: at most OPEN_SHARDS are mapped (each holds a file
+        # descriptor), the least recently read closed first.
+        self._open: collections.OrderedDict[int, np.memmap] = collections.OrderedDict()
+
+    def shard(self, i: int) -> np.memmap:
+        """The memory map of shard i (opened on first use)."""
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        if len(self._open) >= OPEN_SHARDS:
+            self._open.popitem(last=False)
+        self._open[i] = np.memmap(self.paths[i], dtype=self.dtype, mode="r", shape=(self.lengths[i],))
+        return self._open[i]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -47,8 +66,8 @@ class TokenStream:
         shard = int(np.searchsorted(self.starts, start, side="right")) - 1
         while length > 0:
             offset = start - int(self.starts[shard])
-            take = min(length, len(self.shards[shard]) - offset)
-            pieces.append(self.shards[shard][offset : offset + take])
+            take = min(length, self.lengths[shard] - offset)
+            pieces.append(self.shard(shard)[offset : offset + take])
             start, length, shard = start + take, length - take, shard + 1
         return np.concatenate(pieces) if len(pieces) > 1 else np.asarray(pieces[0])
 
