@@ -6,8 +6,11 @@ import re
 import pytest
 
 import mlm.demo as demo
+from mlm.data.corpus import demo_documents
+from mlm.data.prepare import is_validation
 from mlm.demo import run_demo
 from mlm.errors import UserError
+from mlm.tokenizer import load_tokenizer
 
 
 @pytest.fixture
@@ -30,6 +33,11 @@ def test_demo_writes_a_report_of_measured_figures(tmp_path, small_demo):
     for png in ("loss_curve.png", "few_labels.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert facts["documents"] == 2225 and facts["held_out_docs"] == 222
+    # The held-out articles scored are exactly the prepared validation split: pretraining never saw them.
+    tokenizer = load_tokenizer(out / "tokenizer")
+    held_out = [text for i, (text, _) in enumerate(demo_documents()) if is_validation(i, demo.VAL_FRACTION)]
+    encoded = tokenizer.backend_tokenizer.encode_batch(held_out, add_special_tokens=False)
+    assert facts["val_tokens"] == sum(len(e.ids) + 1 for e in encoded)  # + the separator after each
     p = facts["pretraining"]
     assert p["steps"] == 30 and p["last_loss"] < p["first_loss"] and p["tokens_per_s"] > 0
     assert re.search(r"30 steps × 32 sequences × 128 tokens", report)
