@@ -82,14 +82,14 @@ class Windows:
         self.content_len = seq_len - 2
         self.count = len(stream) // self.content_len
         # Each shard seen as a (rows, content_len) matrix of the windows that lie wholly inside it, so a batch
-        # is one fancy-indexing copy per shard instead of one read per window.
+        # is one fancy-indexing copy per shard it touches instead of one read per window. Shards are mapped
+        # only when read (the stream keeps a bounded number open).
         C = self.content_len
-        self._rows = []  # per shard: (first window id, its rows as a 2-D view)
-        for shard, start in zip(stream.shards, stream.starts[:-1]):
+        self._shard_rows = []  # per shard: (first window id inside it, that window's offset in the shard, rows)
+        for start, length in zip(stream.starts[:-1], stream.lengths):
             first = -(-int(start) // C)  # the first window starting inside this shard
             offset = first * C - int(start)
-            rows = max(0, (len(shard) - offset) // C)
-            self._rows.append((first, shard[offset : offset + rows * C].reshape(rows, C)))
+            self._shard_rows.append((first, offset, max(0, (length - offset) // C)))
 
     def batch(self, window_ids: np.ndarray) -> np.ndarray:
         """(B,) window ids → (B, seq_len) int64 token ids."""
@@ -98,11 +98,14 @@ class Windows:
         out[:, 0] = self.cls_id
         out[:, -1] = self.sep_id
         done = np.zeros(len(window_ids), dtype=bool)
-        for first, rows in self._rows:
+        C = self.content_len
+        for i, (first, offset, rows) in enumerate(self._shard_rows):
             local = window_ids - first
-            inside = (local >= 0) & (local < len(rows))
-            out[inside, 1:-1] = rows[local[inside]]
-            done |= inside
+            inside = (local >= 0) & (local < rows)
+            if inside.any():
+                matrix = self.stream.shard(i)[offset : offset + rows * C].reshape(rows, C)
+                out[inside, 1:-1] = matrix[local[inside]]
+                done |= inside
         for row in np.flatnonzero(~done):  # the few windows that straddle two shards
             out[row, 1:-1] = self.stream.read(int(window_ids[row]) * self.content_len, self.content_len)
         return out
