@@ -221,7 +221,7 @@ def fill_mask(model_dir: Path, examples: list[tuple[str, str]]) -> list[dict]:
     fill = pipeline("fill-mask", model=str(model_dir), device="cpu")
     rows = []
     for sentence, answer in examples:
-        top5 = [p["token_str"].strip() for p in fill(sentence, top_k=5)]
+        top5 = [p["token_str"].strip() or repr(p["token_str"]) for p in fill(sentence, top_k=5)]  # '\n' shown
         inputs = fill.tokenizer(sentence, return_tensors="pt")
         where = (inputs["input_ids"][0] == fill.tokenizer.mask_token_id).nonzero()[0, 0]
         logits = fill.model(**inputs).logits[0, where]
