@@ -528,9 +528,11 @@ def demo_documents(stats: ReadStats | None = None) -> list[tuple[str, str]]:
 
 
 def check_sources(sources: list[str], log=print) -> None:
-    """Say which files of a corpus folder are left out (unreadable sources fail in `plan_units`)."""
+    """Fail first on a local source that does not exist (before a tokenizer is fetched), and say which files
+    of a corpus folder are left out (unreadable sources fail in `plan_units`)."""
     for source in sources:
         if source != DEMO_SOURCE and not source.startswith(HF_PREFIX):
+            resolve_files(source)
             skipped = skipped_in_folder(source)
             if skipped:
                 names = ", ".join(str(p.relative_to(source)) for p in skipped[:5]) + (" …" if len(skipped) > 5 else "")
