@@ -532,7 +532,8 @@ def check_sources(sources: list[str], log=print) -> None:
     of a corpus folder are left out (unreadable sources fail in `plan_units`)."""
     for source in sources:
         if source != DEMO_SOURCE and not source.startswith(HF_PREFIX):
-            resolve_files(source)
+            if not Path(source).exists():
+                resolve_files(source)  # a glob, or a path that does not exist: named now
             skipped = skipped_in_folder(source)
             if skipped:
                 names = ", ".join(str(p.relative_to(source)) for p in skipped[:5]) + (" …" if len(skipped) > 5 else "")
