@@ -40,7 +40,7 @@ def test_demo_writes_a_report_of_measured_figures(tmp_path, small_demo):
     assert facts["val_tokens"] == sum(len(e.ids) + 1 for e in encoded)  # + the separator after each
     p = facts["pretraining"]
     assert p["steps"] == 30 and p["last_loss"] < p["first_loss"] and p["tokens_per_s"] > 0
-    assert re.search(r"30 steps × 32 sequences × 128 tokens", report)
+    assert f"30 steps × 32 sequences × {demo.SEQ_LEN} tokens" in report
     mlm = facts["masked_tokens"]
     for name in ("pretrained", "random init", "unigram"):
         assert 0.0 <= mlm[name]["top1"] <= mlm[name]["top5"] <= 1.0
