@@ -316,7 +316,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         compiled=compiled,
     )
     try:
-        if start_step == 0 and cfg.train.budget and cfg.train.budget != _recorded(run_dir, "budget"):
+        if start_step == 0 and cfg.train.budget and cfg.train.budget != _recorded_train(run_dir).get("budget"):
             fit_to_budget(s, log if info.is_main else lambda _: None)
         if info.is_main:
             save_config(s.cfg, run_dir / CONFIG_FILE)
@@ -331,20 +331,22 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     return s
 
 
-def _recorded(run_dir: Path, key: str):
-    """train.<key> as recorded in the run folder's config.json (None if there is none)."""
+def _recorded_train(run_dir: Path) -> dict:
+    """The train section recorded in the run folder's config.json ({} if there is none)."""
     try:
-        return json.loads((run_dir / CONFIG_FILE).read_text())["train"][key]
+        train = json.loads((run_dir / CONFIG_FILE).read_text())["train"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
+    return train if isinstance(train, dict) else {}
 
 
 def recorded_budget_fit(cfg: PretrainConfig, run_dir: Path) -> PretrainConfig:
     """A run folder whose run was fitted to this same train.budget keeps the steps and warm-up fixed then,
     so a resumed (or requeued) run has the schedule it started with."""
-    if not cfg.train.budget or _recorded(run_dir, "budget") != cfg.train.budget:
+    recorded = _recorded_train(run_dir)
+    if not cfg.train.budget or recorded.get("budget") != cfg.train.budget:
         return cfg
-    train = dataclasses.replace(cfg.train, steps=_recorded(run_dir, "steps"), warmup_steps=_recorded(run_dir, "warmup_steps"))
+    train = dataclasses.replace(cfg.train, steps=recorded["steps"], warmup_steps=recorded["warmup_steps"])
     return dataclasses.replace(cfg, train=train)
 
 
