@@ -75,6 +75,8 @@ bench_row bert-base-128 "BERT-base seq 128, dropout 0.1, all levers" configs/ber
 bench_row eager "recipe, not compiled (eager SDPA)" "${recipe[@]}" --system.compile=off
 bench_row mb16 "recipe, micro_batch 16 (the reference's)" "${recipe[@]}" --system.micro_batch=16
 bench_row dropout0 "recipe, dropout 0 (changes the recipe: for reference only)" "${recipe[@]}" --model.dropout=0
+bench_row separate-qkv "recipe, three Q/K/V matmuls (HF's attention forward) instead of one fused" "${recipe[@]}" \
+  --system.fused_qkv=false
 bench_row cudagraphs "recipe, compile mode reduce-overhead (CUDA graphs)" "${recipe[@]}" --system.compile_mode=reduce-overhead
 bench_row flash "recipe, SDPA flash kernel only" "${recipe[@]}" --system.sdpa_backend=flash
 bench_row efficient "recipe, SDPA memory-efficient kernel only" "${recipe[@]}" --system.sdpa_backend=efficient

@@ -22,7 +22,7 @@ from mlm.data.loader import BatchLoader
 from mlm.data.masking import IGNORE_INDEX
 from mlm.data.stream import Sampler, SyntheticWindows, TokenStream, Windows
 from mlm.errors import UserError
-from mlm.model.build import MaskedLMLoss, build_model, hf_config
+from mlm.model.build import MaskedLMLoss, build_model, fuse_qkv_projections, hf_config
 from mlm.tokenizer import load_tokenizer
 from mlm.train.autobatch import auto_micro_batch
 from mlm.train.pretrain import masked_batch, setup
@@ -202,12 +202,16 @@ def _batch(data_dirs, family, tmp_path, dropout):
     return masked, positions, labels
 
 
-def test_fast_path_loss_and_gradients_equal_the_plain_hf_model(data_dirs, tokenizer_dirs, family, tmp_path):
-    """fp32, dropout 0: MaskedLMLoss (SDPA, head on the masked positions only) and HF's own forward (eager
-    attention, head everywhere, labels IGNORE_INDEX elsewhere) give the same loss and gradients."""
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["hf-attention", "fused-qkv"])
+def test_fast_path_loss_and_gradients_equal_the_plain_hf_model(data_dirs, tokenizer_dirs, family, fused_qkv, tmp_path):
+    """fp32, dropout 0: MaskedLMLoss (SDPA, head on the masked positions only, with or without the fused QKV
+    projection) and HF's own forward (eager attention, head everywhere, labels IGNORE_INDEX elsewhere) give
+    the same loss and gradients, the separate query/key/value weights' included."""
     masked, positions, labels = _batch(data_dirs, family, tmp_path, dropout=0.0)
     model = _trained_like_model(family, tokenizer_dirs, dropout=0.0)
     plain = _reference_copy(model)
+    if fused_qkv:
+        fuse_qkv_projections(model)
     ours = MaskedLMLoss(model)(masked, positions, labels)
     ours.backward()
     full_labels = torch.full_like(masked, IGNORE_INDEX).scatter(1, positions, labels)
@@ -246,11 +250,35 @@ def test_dropout_gives_the_same_loss_distribution(data_dirs, tokenizer_dirs, tmp
     assert abs(ours.mean() - no_dropout) > 8 * standard_error
 
 
-def test_the_training_forward_compiles_as_one_graph(family):
+def test_fused_qkv_draws_the_same_dropout_and_keeps_the_checkpoint(tokenizer_dirs, tmp_path):
+    """With dropout on, the fused projection feeds the same attention kernel the same way, so one seed gives
+    the same loss as HF's attention forward; the saved checkpoint is a plain HF one with the three weights."""
+    model = _trained_like_model("roberta", tokenizer_dirs, dropout=0.1)
+    ids = torch.randint(10, model.config.vocab_size, (4, 62), generator=torch.Generator().manual_seed(0))
+    positions = torch.rand(4, 62, generator=torch.Generator().manual_seed(1)).topk(10, dim=1).indices
+    labels = ids.gather(1, positions)
+    torch.manual_seed(3)
+    unfused = MaskedLMLoss(model)(ids, positions, labels)
+    fuse_qkv_projections(model)
+    torch.manual_seed(3)
+    fused = MaskedLMLoss(model)(ids, positions, labels)
+    torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
+    model.save_pretrained(tmp_path / "checkpoint")
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "checkpoint")
+    assert {"query", "key", "value"} <= {name for name, _ in loaded.base_model.encoder.layer[0].attention.self.named_children()}
+    for (name, mine), (_, theirs) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(mine, theirs), name
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["hf-attention", "fused-qkv"])
+def test_the_training_forward_compiles_as_one_graph(family, fused_qkv):
     """torch.compile's gains need the whole masked-LM forward in one graph: no graph breaks (each break is a
     return to Python and an unfused boundary)."""
     vocab = REFERENCE_VOCABULARIES[family]
-    loss_model = MaskedLMLoss(build_model(hf_config(family, "tiny", vocab, max_positions=64), seed=0).train())
+    hf_model = build_model(hf_config(family, "tiny", vocab, max_positions=64), seed=0).train()
+    if fused_qkv:
+        fuse_qkv_projections(hf_model)
+    loss_model = MaskedLMLoss(hf_model)
     ids = torch.randint(200, 1000, (2, 32))
     positions = torch.rand(2, 32).topk(5, dim=1).indices
     try:
@@ -274,4 +302,4 @@ def test_gpu_check_cpu_smoke_prints_the_summary_table_last(tmp_path):
     assert all(line.startswith("|") for line in table)
     recipe = next(line for line in table if line.startswith("| recipe |"))
     assert "(HF path" in recipe and "×" in recipe
-    assert len(table) == 2 + 12  # header, rule, one line per row (measured or skipped)
+    assert len(table) == 2 + 13  # header, rule, one line per row (measured or skipped)

@@ -68,3 +68,38 @@ def test_no_host_synchronisation_inside_a_training_step(data_dirs, tmp_path):
     finally:
         s.batches.close()
         s.run_lock.release()
+
+
+def test_compiled_cross_entropy_writes_no_fp32_logits():
+    """MaskedLMLoss's cross-entropy (`F.cross_entropy(logits.float(), labels)` on bf16 logits) compiled: the
+    fp32 upcast is fused into the loss's reductions, so a forward and backward over 8,192 masked positions ×
+    50,265 words allocates bf16 logits and at most a bf16 gradient (2× one bf16 logits tensor, with the weight's
+    gradient 2.1×), never an fp32 copy beside them (3× at least). Eager PyTorch, measured the same way, does
+    allocate the fp32 copy, so the measurement tells the two apart."""
+    import torch.nn.functional as F
+
+    positions, width, vocabulary = 8192, 512, 50265
+    weight = torch.randn(vocabulary, width, device="cuda", requires_grad=True)
+    bias = torch.zeros(vocabulary, device="cuda", requires_grad=True)
+    labels = torch.randint(0, vocabulary, (positions,), device="cuda")
+
+    def loss(hidden):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels)
+
+    def extra_memory(fn) -> int:
+        hidden = torch.randn(positions, width, device="cuda", requires_grad=True)
+        fn(hidden).backward()  # warm-up (compilation), then measure a second call
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(hidden).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+
+    bf16_logits = positions * vocabulary * 2
+    compiled = extra_memory(torch.compile(loss))
+    eager = extra_memory(loss)
+    torch._dynamo.reset()
+    assert eager > 3 * bf16_logits  # bf16 logits + their fp32 copy + fp32 log-probabilities
+    assert compiled < 2.5 * bf16_logits, f"{compiled / bf16_logits:.2f}× a bf16 logits tensor"

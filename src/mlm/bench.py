@@ -34,7 +34,7 @@ from mlm.data.masking import IGNORE_INDEX, masked_count
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, SyntheticWindows
 from mlm.errors import UserError
-from mlm.model.build import build_model, hf_config, set_sdpa_backend, weight_decay_groups
+from mlm.model.build import build_model, fuse_qkv_projections, hf_config, set_sdpa_backend, weight_decay_groups
 from mlm.tokenizer import load_tokenizer, tokenizer_family
 from mlm.train.engines import build_engine
 from mlm.train.optim import lr_factor
@@ -221,6 +221,8 @@ def bench_setup(cfg: PretrainConfig, synthetic: bool, log=print) -> Setup:
     hf_model = build_model(hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout),
                            cfg.train.seed)
     hf_model.to(device).train()
+    if cfg.system.fused_qkv:
+        fuse_qkv_projections(hf_model)
     cfg = resolve_micro_batch(cfg, hf_model, cfg.train.global_batch, device, bf16, log)
     compiled = wants_compile(cfg, device)
     engine = build_engine("ddp", cfg, hf_model, device, info, compiled, torch.bfloat16 if bf16 else None)

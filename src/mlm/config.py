@@ -167,6 +167,9 @@ class SystemConfig:
     """Read and pin the next step's batch in a background thread while the current step computes."""
     fused_optimizer: bool = True
     """On a GPU, AdamW's fused kernel (one launch for every parameter); false: its foreach implementation."""
+    fused_qkv: bool = True
+    """Compute each attention layer's query, key and value in one matmul instead of three (the weights and
+    checkpoints stay Hugging Face's); false: HF's own attention forward."""
     compile_mode: str = "default"
     """torch.compile mode when compiling: default, reduce-overhead (CUDA graphs) or
     max-autotune-no-cudagraphs (slow to compile)."""

@@ -8,6 +8,7 @@ compute and memory at 30k+ vocabularies. The model knows nothing of distribution
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import torch
@@ -87,6 +88,30 @@ def set_sdpa_backend(name: str, device: torch.device) -> None:
     torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
     torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
     torch.backends.cuda.enable_math_sdp(name == "math")
+
+
+def fuse_qkv_projections(hf_model: nn.Module) -> None:
+    """system.fused_qkv: every self-attention layer computes its query, key and value in one matmul.
+
+    The weights stay HF's three `query`/`key`/`value` Linear layers (checkpoints, engines and export see
+    the same names and tensors); each forward concatenates them (3·d² values, small beside the activations)
+    and runs one (tokens × d) · (d × 3d) matmul instead of three. Training only: the new forward takes no
+    cache and returns no attention probabilities."""
+    for layer in hf_model.base_model.encoder.layer:
+        attention = layer.attention.self
+        attention.forward = types.MethodType(_fused_qkv_attention, attention)
+
+
+def _fused_qkv_attention(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **_):
+    """BertSelfAttention/RobertaSelfAttention.forward with one QKV matmul; SDPA as in HF's "sdpa" path."""
+    batch, length, _width = hidden_states.shape
+    weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+    bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+    qkv = F.linear(hidden_states, weight, bias).view(batch, length, 3, self.num_attention_heads, self.attention_head_size)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head size)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                         dropout_p=self.dropout.p if self.training else 0.0, scale=self.scaling)
+    return out.transpose(1, 2).reshape(batch, length, -1), None
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:

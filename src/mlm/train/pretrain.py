@@ -33,7 +33,7 @@ from mlm.data.masking import MaskingSpec, mask_tokens, masked_count
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, TokenStream, Windows
 from mlm.errors import UserError
-from mlm.model.build import build_model, count_parameters, hf_config, load_model, set_sdpa_backend
+from mlm.model.build import build_model, fuse_qkv_projections, count_parameters, hf_config, load_model, set_sdpa_backend
 from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
 from mlm.train.checkpoint import (
     check_checkpoint,
@@ -276,6 +276,8 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     if cfg.data.seq_len > max_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {max_len} positions")
     hf_model.to(device).train()
+    if cfg.system.fused_qkv:
+        fuse_qkv_projections(hf_model)
     cfg = resolve_micro_batch(cfg, hf_model, per_rank, device, bf16, log if info.is_main else lambda _: None)
     accum = per_rank // cfg.system.micro_batch
     ds_config = None
