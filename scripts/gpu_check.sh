@@ -126,7 +126,7 @@ if [[ $engines == 1 ]]; then
       extra=(--system.deepspeed_config="$ds_config")
     fi
     rm -rf "$OUT/run-$engine"
-    if ! env "${envs[@]}" torchrun --standalone --nproc_per_node=1 -m mlm pretrain configs/roberta-medium.toml \
+    if ! env "${envs[@]}" python -m mlm launch --standalone --nproc_per_node=1 pretrain configs/roberta-medium.toml \
       --data.data_dir="$OUT/data" --run.out_dir="$OUT/run-$engine" "${short[@]}" "${common[@]}" \
       --system.strategy="$engine" "${extra[@]}" >"$OUT/pretrain-$engine.log" 2>&1; then
       engine_summary+=("$engine: FAILED (see $OUT/pretrain-$engine.log)")

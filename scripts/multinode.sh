@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pretrain on several nodes with torchrun's rendezvous. Run the same command on every node:
+# Pretrain on several nodes with torchrun's rendezvous, through `mlm launch` (torchrun with one-line failures). Run the same command on every node:
 #   NNODES=4 HEAD=node0.example:29500 scripts/multinode.sh configs/roberta-medium.toml [--key=value …]
 # The flags reach `mlm pretrain` unchanged, so an engine is chosen the same way, e.g.
 #   NNODES=4 HEAD=node0.example:29500 scripts/multinode.sh configs/roberta-medium.toml \
@@ -12,6 +12,6 @@ set -euo pipefail
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${HEAD:?set HEAD to host:port of the first node}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-$(python -c 'import torch; print(torch.cuda.device_count() or 1)')}"
-exec torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
+exec python -m mlm launch --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD" --rdzv_id="${RDZV_ID:-mlm}" \
-  -m mlm pretrain "$@"
+  pretrain "$@"

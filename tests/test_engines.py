@@ -2,7 +2,8 @@
 give the losses of one plain process with the same global batch; a checkpoint resumes on another number
 of ranks with the same losses; SIGTERM to one rank ends the job with a checkpoint that resumes exactly.
 
-Each run is a real `torchrun` (Gloo on the CPU) or `python -m mlm` process, one thread per rank.
+Each run is a real `mlm launch` (torchrun inside; Gloo on the CPU) or `python -m mlm` process, one thread
+per rank.
 Dropout is 0: dropout draws differ with the rank count; nothing else may.
 """
 
@@ -45,11 +46,16 @@ def overrides(data_dir: Path, out_dir: Path, steps: int = STEPS) -> list[str]:
     ]
 
 
+def launch_command(ranks: int, *args: str) -> list[str]:
+    """`mlm launch --standalone --nproc_per_node=ranks pretrain …` (torchrun inside), or plain
+    `python -m mlm pretrain …` for one rank."""
+    if ranks == 1:
+        return [sys.executable, "-m", "mlm", "pretrain", *args]
+    return [sys.executable, "-m", "mlm", "launch", "--standalone", f"--nproc_per_node={ranks}", "pretrain", *args]
+
+
 def launch(ranks: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=ranks -m mlm pretrain …`, or plain `python -m mlm pretrain …` for one rank."""
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    command = [sys.executable, *launcher, "-m", "mlm", "pretrain", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
+    return subprocess.run(launch_command(ranks, *args), capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
@@ -176,8 +182,7 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(data_dirs, tmp_path
 
     run = tmp_path / "run"
     args = [*overrides(data_dirs["roberta"], run, steps), "--run.checkpoint_every=1000", "--model.dropout=0.1"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlm", "pretrain", *args]
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    job = subprocess.Popen(launch_command(2, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
     while len(losses(run)) < 5 and time.time() < deadline and job.poll() is None:
         time.sleep(0.05)
@@ -198,9 +203,44 @@ def test_sigterm_to_one_rank_checkpoints_and_resumes_exactly(data_dirs, tmp_path
     assert resumed == expected  # exactly: same ranks, same sums, state restored bit for bit
 
 
-def test_a_user_error_under_torchrun_is_said_once(data_dirs, tmp_path):
+def test_a_user_error_under_mlm_launch_is_one_line(data_dirs, tmp_path):
+    """Every rank fails alike; rank 0 says it once, and the launcher adds nothing (no report, no traceback)."""
     result = launch(2, *overrides(data_dirs["roberta"], tmp_path / "run"), "--system.micro_batch=5")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: train.global_batch=16 is not a multiple of system.micro_batch=5 × 2 rank(s)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_plain_torchrun_still_says_the_error_once(data_dirs, tmp_path):
+    """`torchrun -m mlm pretrain` works too; it prints its own failure report after the one error line."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlm",
+               "pretrain", *overrides(data_dirs["roberta"], tmp_path / "run"), "--system.micro_batch=5"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: train.global_batch=16 is not a multiple of system.micro_batch=5 × 2 rank(s)"]
-    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_killed_by_a_signal_is_named_in_one_line(data_dirs, tmp_path):
+    """A rank that dies without a word (the OOM killer's SIGKILL): the launcher stops the others and names it."""
+    args = [*overrides(data_dirs["roberta"], tmp_path / "run", steps=1000), "--run.checkpoint_every=1000"]
+    job = subprocess.Popen(launch_command(2, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while len(losses(tmp_path / "run")) < 2 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job ended before a rank could be killed"
+    pid = _rank_pids(job.pid)[1]
+    os.kill(pid, signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGKILL
+    assert err.splitlines() == [f"error: rank 1 (pid {pid}) was killed by SIGKILL; the other ranks were stopped"]
+
+
+def test_the_multinode_script_trains_on_one_node(data_dirs, tmp_path):
+    """scripts/multinode.sh as a node runs it (torchrun's c10d rendezvous through mlm launch), with one node."""
+    env = {**ENV, "NNODES": "1", "GPUS_PER_NODE": "2", "HEAD": "localhost:29517", "RDZV_ID": tmp_path.name}
+    result = subprocess.run(["bash", "scripts/multinode.sh", "configs/tiny.toml",
+                             *overrides(data_dirs["roberta"], tmp_path / "run", steps=3)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3]

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import sys
+import time
 
 from mlm.config import settings_help
 from mlm.errors import UserError
@@ -126,8 +127,12 @@ def _add_pretrain(subparsers) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> None:
+    from transformers.utils import logging as hf_logging
+
     from mlm.config import load_config
     from mlm.train.pretrain import pretrain
+
+    hf_logging.disable_progress_bar()  # a resume's "Loading weights" bars would come before an error line on stderr
 
     config, overrides = args.config, args.overrides
     if config is not None and config.startswith("--"):  # argparse takes "--key=a b" (a space) for a positional
@@ -262,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (_add_tokenizer, _add_prepare, _add_pretrain, _add_demo, _add_glue, _add_bench):
         add(subparsers)
+    # Read by main() before argparse; listed here for `mlm --help`.
+    subparsers.add_parser("launch", add_help=False, help="run `mlm pretrain` on several processes or nodes: "
+                          "torchrun's options, then the command (mlm launch --nproc_per_node=8 pretrain CONFIG)")
     return parser
 
 
@@ -273,6 +281,14 @@ def _boolean(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:  # torchrun's own options follow: not for argparse here
+        from mlm.launch import launch
+
+        try:
+            sys.exit(launch(argv[1:]))
+        except UserError as e:
+            _fail(str(e), 2)
     args, extra = build_parser().parse_known_args(argv)
     # Only `pretrain` and `bench` take free-form --section.key=value overrides; anything unknown elsewhere is an error.
     if args.command in ("pretrain", "bench"):
@@ -291,15 +307,26 @@ def main(argv: list[str] | None = None) -> None:
         if os.environ.get("MLM_DEBUG"):
             raise
         _fail(_describe_os_error(e), 2)
-    except Exception as e:  # a bug: one line by default, the traceback with MLM_DEBUG=1
-        if os.environ.get("MLM_DEBUG"):
+    except BaseException as e:  # a bug: one line by default, the traceback with MLM_DEBUG=1
+        if isinstance(e, SystemExit) or os.environ.get("MLM_DEBUG"):  # (torch's checkpoint errors are BaseExceptions)
             raise
-        _fail(f"unexpected {type(e).__name__}: {e} (a bug in mlm: MLM_DEBUG=1 shows the traceback)", 1)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        from mlm.dist import LAUNCHED_BY_MLM, LOST_PEER_EXIT, is_lost_peer
+
+        if is_lost_peer(e):  # not this rank's fault: the rank that failed first says why (mlm launch names it)
+            if not os.environ.get(LAUNCHED_BY_MLM):
+                _fail(f"lost contact with another rank ({first[:200]}): that rank's output says why", LOST_PEER_EXIT)
+            sys.exit(LOST_PEER_EXIT)
+        _fail(f"unexpected {type(e).__name__}: {first} (a bug in mlm: MLM_DEBUG=1 shows the traceback)", 1)
 
 
 def _fail(message: str, code: int) -> None:
-    from mlm.dist import launched_rank
+    from mlm.dist import LAUNCHED_BY_MLM, launched_rank
 
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and os.environ.get(LAUNCHED_BY_MLM):  # for the launcher, in torchrun's error-file format
+        with open(error_file, "w") as f:
+            json.dump({"message": f"error: {message}", "timestamp": int(time.time())}, f)
     if launched_rank() == 0:  # under torchrun every rank fails alike: say it once
         print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -309,6 +336,9 @@ def _describe_os_error(e: OSError) -> str:
     where = f" at {e.filename}" if e.filename else ""
     if e.errno == errno.ENOSPC:
         return f"no space left on device{where}; what was there before is kept: free some space and run again"
+    if e.errno == errno.EFBIG:
+        return (f"file size limit reached{where} (ulimit -f, or the file system's largest file); what was there "
+                "before is kept: raise the limit or choose another folder, and run again")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write{where} ({e.strerror}): choose a folder you can write to"
     return f"{e.strerror or e}{where}"

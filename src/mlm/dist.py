@@ -38,6 +38,24 @@ class DistInfo:
 _control_group = None  # a Gloo group for small host-side collectives (the stop flag) beside NCCL
 
 
+LAUNCHED_BY_MLM = "MLM_LAUNCH"
+"""Set for the ranks that `mlm launch` starts: each rank leaves its error line in torchrun's error file, and
+the launcher prints the line of the rank that failed first (rank 0 prints its own)."""
+LOST_PEER_EXIT = 3
+"""Exit code of a rank whose collective failed because another rank is gone, so that a launcher can tell the
+rank that failed first from the ranks that only lost it."""
+
+
+def is_lost_peer(error: BaseException) -> bool:
+    """A collective failed because another rank died, was stopped or stopped answering (in a multi-rank job)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    text = str(error)
+    return isinstance(error, torch_dist.DistError) or (
+        isinstance(error, RuntimeError) and any(s in text for s in ("Connection reset by peer", "Connection closed by peer"))
+    )
+
+
 def launched_rank() -> int:
     """This process's rank as its launcher set it (0 when launched plainly), readable before any group exists."""
     return int(os.environ.get("RANK", "0"))
