@@ -22,15 +22,17 @@ def expected_streams(docs, tokenizer, val_fraction):
     return streams
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_shards_hold_exactly_the_token_stream(tmp_path, tokenizer_dirs, workers):
+@pytest.mark.parametrize("family,workers", [("roberta", 1), ("roberta", 2), ("bert", 2)])
+def test_shards_hold_exactly_the_token_stream(tmp_path, tokenizer_dirs, family, workers):
+    """The shards hold what the transformers tokenizer gives each document (prepare's workers call the Rust
+    tokenizer's encode_batch_fast directly), separators between documents, split as is_validation says."""
     docs = make_documents(300, seed=1)
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(docs))
     out = tmp_path / "data"
-    cfg = PrepareConfig([str(corpus)], str(tokenizer_dirs["roberta"]), str(out), 0.1, workers, shard_tokens=997, docs_per_task=7)
+    cfg = PrepareConfig([str(corpus)], str(tokenizer_dirs[family]), str(out), 0.1, workers, shard_tokens=997, docs_per_task=7)
     manifest = prepare(cfg, **QUIET)
-    tokenizer = load_tokenizer(tokenizer_dirs["roberta"])
+    tokenizer = load_tokenizer(tokenizer_dirs[family])
     expected = expected_streams(docs, tokenizer, 0.1)
     for split in ("train", "validation"):
         stream = TokenStream(out, split)
