@@ -312,6 +312,20 @@ def test_plain_progress_lines_without_a_terminal(data_dirs, tmp_path):
     assert "step 10: validation loss" in " ".join(lines)
 
 
+def test_a_run_that_would_take_days_is_warned_at_its_measured_speed(data_dirs, tmp_path, monkeypatch):
+    """After the second logging window (the first holds compilation): the ETA at the measured speed, once."""
+    from mlm.train import pretrain as pretrain_module
+
+    monkeypatch.setattr(pretrain_module, "LONG_RUN", datetime.timedelta(seconds=-1))  # any run is "long"
+    lines = []
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=6)
+    cfg.run.log_every, cfg.train.warmup_steps = 2, 1
+    pretrain(cfg, log=lines.append)
+    warnings = [line for line in lines if "this run ends in about" in line]
+    assert len(warnings) == 1 and re.match(r"warning: at the measured [\d,]+ tokens/s this run ends in about "
+                                           r"\d+:\d\d:\d\d; more GPUs \(mlm launch\)", warnings[0])
+
+
 def test_a_recipe_far_too_long_for_its_data_is_warned(data_dirs, tmp_path):
     from mlm import dist
     from mlm.train.pretrain import setup

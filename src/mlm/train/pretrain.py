@@ -548,7 +548,7 @@ def fit(s: Setup, log=print) -> dict:
                     windows_logged += 1
                     if windows_logged == 2 and eta > LONG_RUN:  # the first window includes compilation
                         say(f"warning: at the measured {tokens_per_s:,.0f} tokens/s this run ends in about {eta}; "
-                            "more GPUs (torchrun), a smaller model.size or fewer train.steps shorten it")
+                            "more GPUs (mlm launch), a smaller model.size or fewer train.steps shorten it")
                     if not show_bar:
                         say(f"step {done}/{cfg.train.steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
                             f"{tokens_per_s:,.0f} tokens/s | ETA {eta}")
