@@ -33,7 +33,7 @@ from mlm.data.masking import MaskingSpec, mask_tokens, masked_count
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, TokenStream, Windows
 from mlm.errors import UserError
-from mlm.model.build import build_model, fuse_qkv_projections, count_parameters, hf_config, load_model, set_sdpa_backend
+from mlm.model.build import build_model, count_parameters, fuse_qkv_projections, hf_config, load_model, set_sdpa_backend
 from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
 from mlm.train.checkpoint import (
     check_checkpoint,
