@@ -204,6 +204,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the best is reported")
     parser.add_argument("--work-dir", help="scratch folder (default: a temporary one, removed at the end)")
     parser.add_argument("--skip-run-mlm", action="store_true", help="measure only mlm prepare and the tokenizer alone")
+    parser.add_argument("--skip-one-worker", action="store_true", help="leave out mlm prepare --workers 1 (for big corpora)")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_prepare_"))
@@ -233,7 +234,7 @@ def main() -> None:
 
     single = best("tokenizer", lambda: [str(tokenizer), str(corpus), args.sample_mb])
     together = best("tokenizer_w", lambda: [str(tokenizer), str(corpus), args.sample_mb, args.workers])
-    ours_1 = best("mlm", lambda: [str(tokenizer), str(corpus), 1, fresh("mlm-1")])
+    ours_1 = None if args.skip_one_worker else best("mlm", lambda: [str(tokenizer), str(corpus), 1, fresh("mlm-1")])
     ours = best("mlm", lambda: [str(tokenizer), str(corpus), args.workers, fresh("mlm")])
     theirs = None if args.skip_run_mlm else best("run_mlm", lambda: [str(tokenizer), str(corpus), args.workers, fresh("hf-cache")])
 
@@ -243,7 +244,7 @@ def main() -> None:
         ("tokenizer alone, 1 core", single, None),
         (f"tokenizer alone, {args.workers} at once", together, None),
         *([(f"run_mlm.py datasets path, W={args.workers}", theirs, theirs["disk_bytes"])] if theirs else []),
-        ("mlm prepare --workers 1", ours_1, ours_1["disk_bytes"]),
+        *([("mlm prepare --workers 1", ours_1, ours_1["disk_bytes"])] if ours_1 else []),
         (f"mlm prepare --workers {args.workers}", ours, ours["disk_bytes"]),
     ]
     for name, r, disk in rows:
@@ -254,8 +255,9 @@ def main() -> None:
     text_rate = (ours["tokens"] - ours["documents"]) / ours["seconds"]
     efficiency = text_rate / (args.workers * single["tokens_per_s"])
     print(f"\nparallel efficiency: {text_rate:,.0f} text tokens/s / ({args.workers} × {single['tokens_per_s']:,.0f}) = "
-          f"{100 * efficiency:.0f}% of W × the single-core tokenizer rate "
-          f"(1 worker: {100 * (ours_1['tokens'] - ours_1['documents']) / ours_1['seconds'] / single['tokens_per_s']:.0f}%)")
+          f"{100 * efficiency:.0f}% of W × the single-core tokenizer rate"
+          + (f" (1 worker: {100 * (ours_1['tokens'] - ours_1['documents']) / ours_1['seconds'] / single['tokens_per_s']:.0f}%)"
+             if ours_1 else ""))
     print(f"the tokenizer alone in {args.workers} processes at once: {together['tokens_per_s']:,.0f} tokens/s = "
           f"{100 * together['tokens_per_s'] / (args.workers * single['tokens_per_s']):.0f}% of W × one core "
           f"(the cores' own ceiling); mlm prepare reaches {100 * text_rate / together['tokens_per_s']:.0f}% of it")
