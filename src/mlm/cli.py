@@ -134,10 +134,7 @@ def _run_pretrain(args: argparse.Namespace) -> None:
 
     hf_logging.disable_progress_bar()  # a resume's "Loading weights" bars would come before an error line on stderr
 
-    config, overrides = args.config, args.overrides
-    if config is not None and config.startswith("--"):  # argparse takes "--key=a b" (a space) for a positional
-        config, overrides = None, [config, *overrides]
-    summary = pretrain(load_config(config, overrides), resume=args.resume)
+    summary = pretrain(load_config(args.config, args.overrides), resume=args.resume)
     if summary["stopped_by"]:  # checkpointed after a signal: SLURM's requeue expects 0, Ctrl-C's convention 130
         sys.exit(130 if summary["stopped_by"] == "SIGINT" else 0)
 
@@ -292,6 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = build_parser().parse_known_args(argv)
     # Only `pretrain` and `bench` take free-form --section.key=value overrides; anything unknown elsewhere is an error.
     if args.command in ("pretrain", "bench"):
+        if args.command == "pretrain" and args.config is not None and args.config.startswith("--"):
+            # argparse takes "--key=a b" (a space) for the recipe: an override, put back in its place, since
+            # of two values for one key the later wins
+            taken = {args.config, *extra}
+            extra = [item for item in argv if item in taken]
+            args.config = None
         # One spelling across commands: glue's --no-progress means --run.progress=false here too.
         args.overrides = ["--run.progress=false" if item == "--no-progress" else item for item in extra]
     elif extra:

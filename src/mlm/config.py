@@ -127,6 +127,8 @@ class TrainConfig:
             raise UserError(f"train.lr must be positive, got {self.lr}")
         if self.seed < 0:
             raise UserError(f"train.seed must be >= 0, got {self.seed}")
+        if self.seed >= 2**32:  # seed × 1,000,003 + step seeds torch's generators, which take 64 bits
+            raise UserError(f"train.seed must be below 2^32 = {2**32}, got {self.seed}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise UserError(f"train.warmup_steps must be in [0, train.steps], got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

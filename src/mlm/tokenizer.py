@@ -14,7 +14,7 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from mlm.atomic import atomic_dir
+from mlm.atomic import atomic_dir, os_error_behind
 from mlm.config import FAMILIES
 from mlm.errors import UserError
 
@@ -103,7 +103,13 @@ def train_tokenizer(
 def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
     """Save to a temporary sibling directory, then rename, so a crash never leaves half a tokenizer."""
     with atomic_dir(out_dir) as tmp:
-        tokenizer.save_pretrained(str(tmp))
+        try:
+            tokenizer.save_pretrained(str(tmp))
+        except Exception as e:  # the Rust writer says "File too large (os error 27)" in a plain Exception
+            error = os_error_behind(e, out_dir)
+            if error is None:
+                raise
+            raise error from e
 
 
 def load_tokenizer(name_or_dir: str | Path):

@@ -129,6 +129,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def partial_dir(out_dir: str | Path) -> Path:
     """Where a preparation in progress keeps its plan, tokenizer and finished parts."""
     out_dir = Path(out_dir)
+    if out_dir.name in ("", ".."):  # ".", "..", "/": the finished folder replaces OUT, so OUT needs a name
+        raise UserError(f"--out {str(out_dir)!r} names no folder of its own: name the data folder (e.g. --out data)")
     return out_dir.with_name(out_dir.name + ".partial")
 
 
@@ -256,7 +258,10 @@ class PartWriter:
             if self._file is None or self._in_shard == self.shard_tokens:
                 self._next_shard()
             take = min(len(ids), self.shard_tokens - self._in_shard)
-            self._file.write(ids[:take].tobytes())
+            try:
+                self._file.write(ids[:take].tobytes())
+            except OSError as e:  # a full disk or a file size limit: a failed write's error names no file
+                raise OSError(e.errno, e.strerror, e.filename or self._file.name) from e
             self._in_shard += take
             self.shards[-1]["tokens"] += take
             ids = ids[take:]
@@ -274,7 +279,10 @@ class PartWriter:
 
     def commit(self) -> dict:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()  # writes what is left in the buffer
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, e.filename or self._file.name) from e
         for shard in self.shards:
             name = Path(shard["file"]).name
             os.replace(self._tmp(name), self.parts_dir / name)
@@ -484,9 +492,13 @@ def prepare(cfg: PrepareConfig, log=print) -> dict | None:
         if manifest.get("fingerprint") == plan["fingerprint"]:
             log(f"{out_dir} is complete: {manifest['documents']:,} documents, already prepared with these settings")
             return manifest
-    if out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
-        raise UserError(f"output directory {out_dir} already exists and is not empty (pass --overwrite to replace it)")
     work = partial_dir(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not cfg.overwrite:
+            raise UserError(f"output directory {out_dir} already exists and is not empty (pass --overwrite to replace it)")
+        if not (out_dir / MANIFEST).is_file():  # never delete a folder of something else
+            raise UserError(f"output directory {out_dir} holds no prepared data (no {MANIFEST}): --overwrite replaces only "
+                            "prepared data; choose another --out")
     with _lock(out_dir):
         _open_work_dir(work, plan, tokenizer, cfg.overwrite, log)
         _write_json(work / "shares.json", {"num_shards": cfg.num_shards})
@@ -664,7 +676,7 @@ def _finalize(work: Path, out_dir: Path, log, started: float) -> dict:
 def read_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        if (partial_dir(data_dir) / PLAN).is_file():
+        if Path(data_dir).name not in ("", "..") and (partial_dir(data_dir) / PLAN).is_file():
             raise UserError(f"{data_dir} is not finished ({partial_dir(data_dir)} holds the work in progress): run the "
                             "same `mlm prepare` again to continue, or `mlm prepare --finalize` once every share is done")
         raise UserError(f"{data_dir} holds no prepared data ({MANIFEST} missing): run `mlm prepare` first")

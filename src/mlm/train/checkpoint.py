@@ -26,8 +26,10 @@ from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from mlm import dist
+from mlm.atomic import os_error_behind
 from mlm.errors import UserError
 from mlm.model.build import model_positions
 
@@ -150,24 +152,38 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
 
     hf_logging.disable_progress_bar()  # one bar, the training one
     final, tmp = run_dir / f"checkpoint-{step}", run_dir / f".checkpoint-{step}.tmp"
+    try:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier(info)
+        with _one_process_is_fine():
+            dcp.save(engine.state_dict(), checkpoint_id=str(tmp / ENGINE_DIR))
+        model = engine.export_model()  # full weights gathered on the main rank
+        rng = dist.gather_to_main(_rng_state(device), info)
+        if info.is_main:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.model_max_length = model_positions(model.config)  # so truncation=True fits the model
+            tokenizer.save_pretrained(str(tmp))
+            state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng}
+            with open(tmp / STATE_FILE, "wb") as f:  # a file object: a failed write keeps its OSError as context
+                torch.save(state, f)
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        # A full disk or a file size limit: say so in one line, free what the attempt took; earlier checkpoints stay.
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = os_error_behind(e, tmp)
+        if error is not None:
+            raise error from e
+        inner = next(iter(e.failures.values()), (None,))[0] if isinstance(e, CheckpointException) else None
+        if isinstance(inner, Exception):  # the rank's own error (a lost peer stays one), not DCP's BaseException
+            raise inner from e
+        raise
     if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier(info)
-    with _one_process_is_fine():
-        dcp.save(engine.state_dict(), checkpoint_id=str(tmp / ENGINE_DIR))
-    model = engine.export_model()  # full weights gathered on the main rank
-    rng = dist.gather_to_main(_rng_state(device), info)
-    if info.is_main:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.model_max_length = model_positions(model.config)  # so truncation=True fits the model
-        tokenizer.save_pretrained(str(tmp))
-        state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng}
-        torch.save(state, tmp / STATE_FILE)
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         if keep > 0:
             for old in checkpoint_dirs(run_dir)[:-keep]:
                 if int(_NAME.match(old.name).group(1)) not in keep_also:
