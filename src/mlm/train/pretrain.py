@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -415,8 +416,19 @@ def _truncate_metrics(run_dir: Path, start_step: int) -> None:
         path.unlink(missing_ok=True)
         shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
     elif path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        steps = [(line, _record_step(line)) for line in path.read_text().splitlines()]
+        kept = [line for line, step in steps if step is not None and step <= start_step]
+        tmp = path.with_name(path.name + ".tmp")  # a kill mid-write must not lose the records before the checkpoint
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def _record_step(line: str) -> int | None:
+    """The step of one metrics.jsonl record; None for a line cut short (a kill or a full disk mid-write)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
@@ -557,6 +569,12 @@ def fit(s: Setup, log=print) -> dict:
                 _stop_if_diverged(s, diverged, done, lr)
                 if main:
                     glue_jobs.start_if_idle()
+            # Before a stop: a resumed run starts after this step and would never evaluate it.
+            if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
+                last_val = evaluate(s)
+                if main and last_val is not None:
+                    logger.log(done, val_loss=last_val)
+                    say(f"step {done}: validation loss {last_val:.4f}")
             signum = stop.agreed(s.info)
             if signum is not None:
                 stopped_by = signal.Signals(signum).name
@@ -566,11 +584,6 @@ def fit(s: Setup, log=print) -> dict:
                 say(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
                     "continue with the same command and --resume")
                 break
-            if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
-                last_val = evaluate(s)
-                if main and last_val is not None:
-                    logger.log(done, val_loss=last_val)
-                    say(f"step {done}: validation loss {last_val:.4f}")
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
                 _stop_if_diverged(s, diverged, done, lr)  # never a checkpoint of a diverged state
                 checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
