@@ -430,7 +430,18 @@ DAMAGE = {
     "pickled objects": (lambda c: torch.save({"step": datetime.datetime.now()}, c / "training_state.pt"),
                         "training_state.pt holds objects other than tensors and numbers \\(refused"),
     "truncated engine shard": (lambda c: _truncate(next((c / "engine").glob("*.distcp"))), r"__0_0.distcp is truncated"),
+    # Same size, sound headers: only the checksums written with the checkpoint can tell.
+    "a flipped byte in the weights": (lambda c: _flip_a_byte(c / "model.safetensors"),
+                                      r"model.safetensors does not match its checksum"),
+    "a flipped byte in an engine shard": (lambda c: _flip_a_byte(next((c / "engine").glob("*.distcp"))),
+                                          r"engine/__0_0.distcp does not match its checksum"),
 }
+
+
+def _flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x01  # past the header, inside the tensors
+    path.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,15 @@ def gather_to_main(obj: object, info: DistInfo) -> list[object]:
     return gathered or []
 
 
+def broadcast_from_main(obj: object, info: DistInfo) -> object:
+    """The main rank's object, on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj if info.is_main else None]
+    torch_dist.broadcast_object_list(box, src=0, group=_control_group)
+    return box[0]
+
+
 # ---- stopping on a signal: SIGTERM / SIGUSR1 (pre-emption, SLURM's --signal) and SIGINT (Ctrl-C) ----
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 

@@ -14,6 +14,7 @@ written last and is what marks a checkpoint complete).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -61,9 +62,42 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+CHECKSUMS = "checksums.json"
+"""SHA-256 of every other file of a checkpoint, written last, checked before a resume."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
+
+
+def _checksum_problem(checkpoint: Path) -> str | None:
+    """The first file whose bytes changed since the checkpoint was written (a disk or copy error), or None.
+    Checkpoints written before checksums existed have none to check."""
+    if not (checkpoint / CHECKSUMS).is_file():
+        return None
+    sums = json.loads((checkpoint / CHECKSUMS).read_text())
+    for name, expected in sums.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != expected:
+            return f"{name} does not match its checksum (changed after it was written)"
+    return None
+
+
 def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (a missing, unreadable or truncated file), or None. Cheap:
-    headers and sizes are checked, tensors are not read."""
+    """Why a checkpoint cannot be resumed from (a missing, unreadable, truncated or altered file), or None.
+    Headers and sizes first, then every file's checksum (which reads the whole checkpoint)."""
     from safetensors import safe_open
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -80,6 +114,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             shard = checkpoint / ENGINE_DIR / item.relative_path
             if shard.stat().st_size < item.offset + item.length:
                 return f"{shard.name} is truncated"
+        return _checksum_problem(checkpoint)
     except pickle.UnpicklingError:  # weights_only refused it: never advise otherwise
         return f"{STATE_FILE} holds objects other than tensors and numbers (refused: a checkpoint is data, never code)"
     except EOFError:  # what torch.load says of an empty or cut-short file
@@ -168,6 +203,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
             state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng}
             with open(tmp / STATE_FILE, "wb") as f:  # a file object: a failed write keeps its OSError as context
                 torch.save(state, f)
+            _write_checksums(tmp)
             _fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)

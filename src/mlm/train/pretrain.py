@@ -234,12 +234,10 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)")
     run_dir = Path(cfg.run.out_dir)
     cfg = recorded_budget_fit(cfg, run_dir)
-    if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
-        checkpoint = newest_good_checkpoint(run_dir, log if info.is_main else lambda _: None)
-    else:
-        checkpoint = check_checkpoint(find_checkpoint(run_dir if resume == "latest" else resume)) if resume else None
-    if resume == "auto" and checkpoint is None and checkpoint_dirs(run_dir):
-        raise UserError(f"every checkpoint in {run_dir} is damaged: restore one, or choose another run.out_dir")
+    # The main rank reads the checkpoints (every file's checksum); the other ranks take its answer.
+    checkpoint = dist.broadcast_from_main(_checkpoint_to_resume(run_dir, resume, log) if info.is_main else None, info)
+    if isinstance(checkpoint, UserError):
+        raise checkpoint
     check_run_dir(run_dir, cfg, checkpoint)
     if checkpoint is not None:
         check_foreign_checkpoint(checkpoint, run_dir, cfg)
@@ -406,6 +404,19 @@ def time_first_steps(s: Setup, min_seconds: float) -> tuple[float, float, int]:
     step_s = sorted(times[1:])[len(times[1:]) // 2]  # the median: robust to a slow outlier
     step_s, eval_s = dist.max_across_ranks([step_s, eval_s], s.info)
     return step_s, eval_s, len(times)
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: str | None, log) -> Path | UserError | None:
+    """The checkpoint that --resume asks for, after checking it is sound; or why none can be used."""
+    try:
+        if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
+            checkpoint = newest_good_checkpoint(run_dir, log)
+            if checkpoint is None and checkpoint_dirs(run_dir):
+                raise UserError(f"every checkpoint in {run_dir} is damaged: restore one, or choose another run.out_dir")
+            return checkpoint
+        return check_checkpoint(find_checkpoint(run_dir if resume == "latest" else resume)) if resume else None
+    except UserError as e:
+        return e
 
 
 def _truncate_metrics(run_dir: Path, start_step: int) -> None:
