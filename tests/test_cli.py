@@ -53,6 +53,9 @@ def test_end_to_end_through_the_cli(tmp_path, corpus_file):
         (["pretrain", "--train.budget=fast"], "train.budget: cannot read 'fast'"),
         (["demo", "--minutes", "0"], "--minutes must be positive"),
         (["demo", "--steps", "0"], "--steps must be positive"),
+        (["tokenizer", "--corpus", "demo", "--min-frequency", "-1", "--out", "t"], "--min-frequency must be >= 0, got -1"),
+        (["tokenizer", "--corpus", "demo", "--model-max-length", "0", "--out", "t"],
+         "--model-max-length must be positive, got 0"),
     ],
 )
 def test_bad_input_one_line(tmp_path, args, fragment):

@@ -163,6 +163,22 @@ def test_task_file_lists_must_be_lists(tmp_path, key, value):
         task_from_file(tmp_path / "t.toml")
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("num_labels", '"five"', r"num_labels must be a whole number >= 1 \(1 for regression\), got 'five'"),
+    ("num_labels", "0", r"num_labels must be a whole number >= 1"),
+    ("num_labels", "2.5", r"num_labels must be a whole number >= 1"),
+    ("train", "3", r"train must be a non-empty string, got 3"),
+    ("label_field", '""', r"label_field must be a non-empty string"),
+    ("hparams", '"fast"', r"hparams must be a table of settings"),
+])
+def test_task_file_fields_of_the_wrong_type_are_named(tmp_path, key, value, message):
+    fields = {"name": '"t"', "text_fields": '["text"]', "num_labels": "2", "train": '"a.csv"', "validation": '"b.csv"'}
+    fields[key] = value
+    (tmp_path / "t.toml").write_text("".join(f"{k} = {v}\n" for k, v in fields.items()))
+    with pytest.raises(UserError, match=message):
+        task_from_file(tmp_path / "t.toml")
+
+
 def test_the_readme_task_file_example_is_valid(tmp_path):
     from pathlib import Path
 

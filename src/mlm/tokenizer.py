@@ -179,6 +179,10 @@ def build_tokenizer(
     """`mlm tokenizer`: train a tokenizer on a corpus, or copy an existing one (hub name or directory), into out_dir."""
     from mlm.data.corpus import ReadStats, check_sources, iter_documents
 
+    if min_frequency < 0:
+        raise UserError(f"--min-frequency must be >= 0, got {min_frequency}")
+    if model_max_length < 1:
+        raise UserError(f"--model-max-length must be positive, got {model_max_length}")
     check_tokenizer_out(Path(out_dir), overwrite)
 
     if from_name:

@@ -208,6 +208,13 @@ def task_from_file(path: str | Path) -> TaskSpec:
     label_names = tuple(spec.get("label_names", ()))
     if "num_labels" not in spec and not label_names:
         raise UserError(f"{path}: give num_labels (1 for regression) or label_names")
+    if "num_labels" in spec and not (type(spec["num_labels"]) is int and spec["num_labels"] >= 1):
+        raise UserError(f"{path}: num_labels must be a whole number >= 1 (1 for regression), got {spec['num_labels']!r}")
+    for key in ("name", "label_field", "train", "validation"):
+        if key in spec and not (isinstance(spec[key], str) and spec[key]):
+            raise UserError(f"{path}: {key} must be a non-empty string, got {spec[key]!r}")
+    if not isinstance(spec.get("hparams", {}), dict):
+        raise UserError(f"{path}: hparams must be a table of settings ([hparams] in TOML), got {spec['hparams']!r}")
     return custom_task(
         name=str(spec["name"]),
         text_fields=tuple(spec["text_fields"]),
