@@ -1,3 +1,4 @@
+import dataclasses
 import datetime
 import json
 import re
@@ -37,6 +38,21 @@ def test_tiny_run_loss_falls_and_writes_hf_checkpoints(data_dirs, family, tmp_pa
     assert model.config.model_type == family
     assert (tmp_path / "run" / "tensorboard").is_dir()
     assert not list((tmp_path / "run").glob(".*tmp*"))
+
+
+def test_a_resume_between_logged_steps_logs_the_unbroken_means(data_dirs, tmp_path):
+    """Checkpoints every 3 steps, a logged loss every 2: resumed from step 3, the mean logged at step 4 still
+    covers steps 3 and 4 (the checkpoint carries the part of the window before it)."""
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "a", steps=8)
+    cfg.run.checkpoint_every, cfg.run.log_every, cfg.train.warmup_steps = 3, 2, 1
+    pretrain(cfg, **QUIET)
+    stopped = tmp_path / "b"  # as the run was right after its step-3 checkpoint
+    stopped.mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", stopped / "checkpoint-3")
+    shutil.copy(tmp_path / "a" / "config.json", stopped / "config.json")
+    cfg_b = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(stopped)))
+    pretrain(cfg_b, resume="latest", **QUIET)
+    assert losses(stopped) == {step: loss for step, loss in losses(tmp_path / "a").items() if step > 3}
 
 
 def test_resume_gives_identical_losses(data_dirs, tmp_path):

@@ -180,9 +180,10 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.DistInfo, device: torch.device,
-                    keep: int = 0, keep_also: set[int] = frozenset()) -> Path:
+                    keep: int = 0, keep_also: set[int] = frozenset(), loss_window: tuple[float, int] = (0.0, 0)) -> Path:
     """Write checkpoint-<step>/ with every rank; with keep > 0, delete all but the newest `keep`, and but
-    the steps in `keep_also` (checkpoints a GLUE job still has to read)."""
+    the steps in `keep_also` (checkpoints a GLUE job still has to read). `loss_window` (the sum of the losses
+    since the last logged step, and their count) lets a resumed run log the same mean as an unbroken one."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar, the training one
@@ -200,7 +201,8 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.model_max_length = model_positions(model.config)  # so truncation=True fits the model
             tokenizer.save_pretrained(str(tmp))
-            state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng}
+            state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng,
+                     "loss_window": [float(loss_window[0]), int(loss_window[1])]}
             with open(tmp / STATE_FILE, "wb") as f:  # a file object: a failed write keeps its OSError as context
                 torch.save(state, f)
             _write_checksums(tmp)
@@ -228,9 +230,9 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
     return final
 
 
-def load_training_state(checkpoint: Path, engine, info: dist.DistInfo, device: torch.device) -> int:
+def load_training_state(checkpoint: Path, engine, info: dist.DistInfo, device: torch.device) -> tuple[int, tuple[float, int]]:
     """Restore the engine's model and optimizer state (resharded to this world size) and, on the same
-    number of ranks, each rank's RNG state; returns the step to continue from."""
+    number of ranks, each rank's RNG state; returns the step to continue from and the loss window."""
     # weights_only: a checkpoint is data, never code.
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     if not (checkpoint / ENGINE_DIR).is_dir():
@@ -253,4 +255,5 @@ def load_training_state(checkpoint: Path, engine, info: dist.DistInfo, device: t
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
-    return int(state["step"])
+    loss_sum, loss_count = state.get("loss_window", (0.0, 0))  # absent from checkpoints of older versions
+    return int(state["step"]), (float(loss_sum), int(loss_count))

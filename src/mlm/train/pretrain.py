@@ -81,6 +81,8 @@ class Setup:
     accum: int
     start_step: int
     compiled: bool
+    loss_window: tuple[float, int] = (0.0, 0)
+    """The losses since the last logged step before start_step: their sum and count (from the checkpoint)."""
 
 
 def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
@@ -288,7 +290,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     compiled = wants_compile(cfg, device)
     autocast_dtype = torch.bfloat16 if bf16 and strategy != "deepspeed" else None
     engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)
-    start_step = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else 0
+    start_step, loss_window = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else (0, (0.0, 0))
 
     run_lock = None
     if info.is_main:
@@ -315,6 +317,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         accum=accum,
         start_step=start_step,
         compiled=compiled,
+        loss_window=loss_window,
     )
     try:
         if start_step == 0 and cfg.train.budget and cfg.train.budget != _recorded_train(run_dir).get("budget"):
@@ -540,9 +543,11 @@ def fit(s: Setup, log=print) -> dict:
     show_bar = main and cfg.run.progress and sys.stdout.isatty()
     bar = tqdm(total=cfg.train.steps, initial=s.start_step, disable=not show_bar, unit="step", dynamic_ncols=True)
     say = bar.write if show_bar else (log if main else lambda _: None)
-    loss_acc = torch.zeros((), device=s.device)
+    # The logged loss is the mean since the last logged step; a resumed run starts with the checkpoint's part.
+    loss_acc = torch.tensor(s.loss_window[0], device=s.device)
+    losses_in_window = s.loss_window[1]
     diverged = torch.zeros((), dtype=torch.bool, device=s.device)  # any non-finite loss or norm, kept on the device
-    steps_in_window, window_start = 0, time.time()
+    steps_in_window, window_start = 0, time.time()  # for the speed: this process's steps only
     last_loss = last_val = stopped_by = None
     windows_logged = 0
     glue_jobs = GlueQueue(cfg, s.run_dir)
@@ -556,11 +561,12 @@ def fit(s: Setup, log=print) -> dict:
             loss, grad_norm, lr = train_step(s, step)
             diverged |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm.to(s.device))
             loss_acc += loss
+            losses_in_window += 1
             steps_in_window += 1
             done = step + 1
             bar.update(1)
             if done % cfg.run.log_every == 0 or done == cfg.train.steps:
-                last_loss = (loss_acc / steps_in_window).item()  # the only host sync of the step loop
+                last_loss = (loss_acc / losses_in_window).item()  # the only host sync of the step loop
                 seconds_per_step = (time.time() - window_start) / steps_in_window
                 tokens_per_s = tokens_per_step / seconds_per_step
                 if main:
@@ -576,7 +582,8 @@ def fit(s: Setup, log=print) -> dict:
                         say(f"step {done}/{cfg.train.steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
                             f"{tokens_per_s:,.0f} tokens/s | ETA {eta}")
                 loss_acc.zero_()
-                steps_in_window, window_start = 0, time.time()
+                losses_in_window = steps_in_window = 0
+                window_start = time.time()
                 _stop_if_diverged(s, diverged, done, lr)
                 if main:
                     glue_jobs.start_if_idle()
@@ -591,14 +598,16 @@ def fit(s: Setup, log=print) -> dict:
                 stopped_by = signal.Signals(signum).name
                 _stop_if_diverged(s, diverged, done, lr)
                 checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
-                                             keep_also=glue_jobs.busy_steps())
+                                             keep_also=glue_jobs.busy_steps(),
+                                             loss_window=(loss_acc.item(), losses_in_window))
                 say(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
                     "continue with the same command and --resume")
                 break
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
                 _stop_if_diverged(s, diverged, done, lr)  # never a checkpoint of a diverged state
                 checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
-                                             keep_also=glue_jobs.busy_steps())
+                                             keep_also=glue_jobs.busy_steps(),
+                                             loss_window=(loss_acc.item(), losses_in_window))
                 if main:
                     glue_jobs.add(done)
     bar.close()
