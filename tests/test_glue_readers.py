@@ -121,6 +121,21 @@ def test_custom_csv_jsonl_and_task_file(tmp_path):
         task_from_file(tmp_path / "bad.toml")
 
 
+@pytest.mark.parametrize("name", ["RTE/train.tsv", "mine.csv", "mine.jsonl"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name):
+    """Latin-1 (or binary) bytes: one line naming the file and how to convert it, never a guess."""
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {"RTE/train.tsv": b"index\tsentence1\tsentence2\tlabel\n0\tcaf\xe9\tb\tentailment\n",
+            "mine.csv": b"text,label\ncaf\xe9,1\n", "mine.jsonl": b'{"text": "caf\xe9", "label": 1}\n'}
+    path.write_bytes(rows[name])
+    with pytest.raises(UserError, match=r"is not UTF-8 text \(byte b'\\xe9' cannot be decoded\): save it as UTF-8"):
+        if name.startswith("RTE"):
+            read_glue_tsv(GLUE_TASKS["rte"], tmp_path, "train")
+        else:
+            read_table_file(custom_task("mine", ["text"], 2), path)
+
+
 def test_task_table_and_selection():
     assert [t.name for t in parse_tasks("all")] == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
     assert [t.name for t in parse_tasks("RTE, sst-2,rte")] == ["rte", "sst2"]

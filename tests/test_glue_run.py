@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from glue_fixtures import make_checkpoint, write_glue_dir
 
 from mlm.cli import main
@@ -112,6 +113,9 @@ def test_settings_precedence():
     (["--run", "/nonexistent/run"], "does not exist"),
     (["--model", "x", "--tasks", ""], "--tasks is empty"),
     (["--model", "x", "--protocol", "mine"], "--protocol: unknown protocol 'mine' (choose fast, reference)"),
+    (["--model", "x", "--device", "bogus"], "device: unknown device 'bogus' (use auto, cpu, cuda or cuda:N)"),
+    pytest.param(["--model", "x", "--device", "cuda"], "device cuda but no CUDA GPU is available (use cpu)",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
 ])
 def test_cli_errors_are_one_clear_line(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,6 +72,10 @@ class FinetuneConfig:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise UserError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise UserError(f"device: unknown device {self.device!r} (use auto, cpu, cuda or cuda:N)")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"device {self.device} but no CUDA GPU is available (use cpu)")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1")

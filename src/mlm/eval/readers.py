@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from mlm.errors import UserError
 from mlm.eval.tasks import TaskSpec, custom_task
@@ -40,6 +42,16 @@ def parse_label(task: TaskSpec, raw: object, where: str) -> int | float:
     return raw
 
 
+@contextmanager
+def _utf8_only(path: Path) -> Iterator[None]:
+    """Task files are read as UTF-8; another encoding is named instead of guessed (a guess changes the text)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} cannot be decoded): "
+                        "save it as UTF-8, e.g. iconv -f latin1 -t utf-8 FILE > NEW") from None
+
+
 # ---- the original GLUE download ------------------------------------------------------------
 
 
@@ -55,7 +67,7 @@ def read_glue_tsv(task: TaskSpec, glue_dir: str | Path, split: str) -> list[dict
     examples = []
     skipped = 0
     # utf-8-sig: the MRPC files start with a byte-order mark before "Quality".
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with _utf8_only(path), open(path, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if layout.header:
             header = next(rows, None)
@@ -138,7 +150,7 @@ def read_table_file(task: TaskSpec, path: str | Path) -> list[dict]:
     needed = [*task.text_fields, task.label_field]
     if path.suffix.lower() in (".jsonl", ".json"):
         records = []
-        with open(path, encoding="utf-8") as f:
+        with _utf8_only(path), open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -146,7 +158,7 @@ def read_table_file(task: TaskSpec, path: str | Path) -> list[dict]:
                     except json.JSONDecodeError as e:
                         raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     elif path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with _utf8_only(path), open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
             missing = [c for c in needed if c not in (reader.fieldnames or [])]
             if missing:
