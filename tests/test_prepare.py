@@ -203,6 +203,14 @@ def test_bad_input_is_one_error_line(tmp_path, tokenizer_dirs, args, message):
     assert not (tmp_path / "d").exists() and not partial_dir(tmp_path / "d").exists()
 
 
+def test_an_output_that_is_a_file_is_refused(tmp_path, tokenizer_dirs):
+    (tmp_path / "c.txt").write_text("\n".join(make_documents(20)))
+    (tmp_path / "d").write_text("my notes")
+    result = run_cli("--corpus", str(tmp_path / "c.txt"), "--tokenizer", str(tokenizer_dirs["bert"]), "--out", str(tmp_path / "d"))
+    assert (result.returncode, result.stderr) == (2, f"error: --out {tmp_path / 'd'} is a file: choose a folder\n")
+    assert (tmp_path / "d").read_text() == "my notes" and not partial_dir(tmp_path / "d").exists()
+
+
 def test_a_gzip_file_cut_short_is_one_error(tmp_path, tokenizer_dirs):
     data = gzip.compress("\n".join(make_documents(2000)).encode())
     (tmp_path / "c.txt.gz").write_bytes(data[: len(data) // 2])

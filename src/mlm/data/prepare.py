@@ -493,6 +493,8 @@ def prepare(cfg: PrepareConfig, log=print) -> dict | None:
             log(f"{out_dir} is complete: {manifest['documents']:,} documents, already prepared with these settings")
             return manifest
     work = partial_dir(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file: choose a folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not cfg.overwrite:
             raise UserError(f"output directory {out_dir} already exists and is not empty (pass --overwrite to replace it)")
