@@ -146,7 +146,8 @@ TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=
 NUMBERS = st.one_of(
     st.integers(-3, 64).map(str),
     st.sampled_from(["0", "-1", "2147483648", "9223372036854775807", "-9223372036854775808", "10000000000000000000000000000000"]),
-    st.floats(allow_nan=True, allow_infinity=True).map(repr),  # nan, inf, -inf, 1e+300: TOML spellings too
+    # No subnormals: GLUE fine-tuning on a CPU flushes them to zero process-wide (an earlier test may have).
+    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False).map(repr),  # nan, inf, -inf, 1e+300
     st.sampled_from(["nan", "-nan", "inf", "-inf", "1e308", "-0.0", "5e-324", "0.5", "0.999999"]),
 )
 WORDS = st.sampled_from([  # the values the validation knows, and near misses, so that runs get past it too
@@ -246,7 +247,7 @@ LINE = st.one_of(
 )
 JSON_LINE = st.one_of(
     st.dictionaries(st.sampled_from(["text", "other"]),
-                    st.one_of(TEXT, st.integers(), st.floats(), st.none(), st.booleans(), st.lists(st.integers(), max_size=3)),
+                    st.one_of(TEXT, st.integers(), st.floats(allow_subnormal=False), st.none(), st.booleans(), st.lists(st.integers(), max_size=3)),
                     max_size=2).map(json.dumps),
     LINE,
 )
