@@ -4,12 +4,13 @@
       config.json, model.safetensors, tokenizer files   a plain Hugging Face model (full fp32 weights)
       engine/                                           model + optimizer state of the engine, by name,
                                                         sharded by torch.distributed.checkpoint (DCP)
-      training_state.pt                                 step, engine, world size, each rank's RNG state
+      training_state.pt                                 step, engine, world size, each rank's RNG state,
+                                                        the loss window since the last logged step
+      checksums.json                                    SHA-256 of every other file, checked before a resume
 
 DCP reshards at load time, so a run saved on N ranks resumes on M. Every rank writes its shards into
-`.checkpoint-<step>.tmp/`; the main rank adds the rest and renames the folder when all is written, so a
-crash never leaves a folder under the final name that looks whole but is not (`training_state.pt` is
-written last and is what marks a checkpoint complete).
+`.checkpoint-<step>.tmp/`; the main rank adds the rest, then the checksums, flushes everything to disk and
+renames the folder, so a crash never leaves a folder under the final name that looks whole but is not.
 """
 
 from __future__ import annotations
