@@ -64,8 +64,14 @@ class FinetuneConfig:
     """Autocast dtype: "auto" (bf16 on a GPU that supports it, else fp32), "bf16" or "fp32"; weights stay fp32."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise UserError("lr must be > 0, epochs and batch sizes >= 1")
+        if not (math.isfinite(self.lr) and self.lr > 0) or self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+            raise UserError(f"lr must be a number > 0, epochs and batch sizes >= 1 (got lr {self.lr}, epochs "
+                            f"{self.epochs}, batch_size {self.batch_size}, eval_batch_size {self.eval_batch_size})")
+        for name in ("weight_decay", "adam_eps", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise UserError(f"adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
         if self.max_length < 8:
             raise UserError(f"max_length {self.max_length} is too short (>= 8)")
         if not 0 <= self.warmup_ratio < 1:
