@@ -244,3 +244,19 @@ def test_the_multinode_script_trains_on_one_node(data_dirs, tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+
+
+def test_sigterm_to_mlm_launch_reaches_every_rank(data_dirs, tmp_path):
+    """The launcher passes SIGTERM on (as Kubernetes or a shell sends it to the job's first process): the
+    ranks write their checkpoint together and the launcher exits 128 + 15, with nothing on stderr."""
+    args = [*overrides(data_dirs["roberta"], tmp_path / "run", steps=1000), "--run.checkpoint_every=1000"]
+    job = subprocess.Popen(launch_command(2, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.time() + 120
+    while len(losses(tmp_path / "run")) < 2 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    assert job.poll() is None, "the job ended before it could be signalled"
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert (job.returncode, err) == (128 + signal.SIGTERM, "")
+    checkpoints = list((tmp_path / "run").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and f"checkpoint written to {checkpoints[0]}" in out
