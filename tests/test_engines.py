@@ -221,14 +221,20 @@ def test_plain_torchrun_still_says_the_error_once(data_dirs, tmp_path):
     assert errors == ["error: train.global_batch=16 is not a multiple of system.micro_batch=5 × 2 rank(s)"]
 
 
-def test_a_rank_killed_by_a_signal_is_named_in_one_line(data_dirs, tmp_path):
-    """A rank that dies without a word (the OOM killer's SIGKILL): the launcher stops the others and names it."""
-    args = [*overrides(data_dirs["roberta"], tmp_path / "run", steps=1000), "--run.checkpoint_every=1000"]
+def running_job(data_dir: Path, run: Path) -> subprocess.Popen:
+    """A 2-rank job of 1,000 steps under mlm launch, returned once it has logged two training losses."""
+    args = [*overrides(data_dir, run, steps=1000), "--run.checkpoint_every=1000"]
     job = subprocess.Popen(launch_command(2, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
-    while len(losses(tmp_path / "run")) < 2 and time.time() < deadline and job.poll() is None:
+    while len(losses(run)) < 2 and time.time() < deadline and job.poll() is None:
         time.sleep(0.05)
-    assert job.poll() is None, "the job ended before a rank could be killed"
+    assert job.poll() is None, f"the job ended before it could be signalled: {job.communicate()[1][-3000:]}"
+    return job
+
+
+def test_a_rank_killed_by_a_signal_is_named_in_one_line(data_dirs, tmp_path):
+    """A rank that dies without a word (the OOM killer's SIGKILL): the launcher stops the others and names it."""
+    job = running_job(data_dirs["roberta"], tmp_path / "run")
     pid = _rank_pids(job.pid)[1]
     os.kill(pid, signal.SIGKILL)
     _, err = job.communicate(timeout=120)
@@ -249,12 +255,7 @@ def test_the_multinode_script_trains_on_one_node(data_dirs, tmp_path):
 def test_sigterm_to_mlm_launch_reaches_every_rank(data_dirs, tmp_path):
     """The launcher passes SIGTERM on (as Kubernetes or a shell sends it to the job's first process): the
     ranks write their checkpoint together and the launcher exits 128 + 15, with nothing on stderr."""
-    args = [*overrides(data_dirs["roberta"], tmp_path / "run", steps=1000), "--run.checkpoint_every=1000"]
-    job = subprocess.Popen(launch_command(2, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    deadline = time.time() + 120
-    while len(losses(tmp_path / "run")) < 2 and time.time() < deadline and job.poll() is None:
-        time.sleep(0.05)
-    assert job.poll() is None, "the job ended before it could be signalled"
+    job = running_job(data_dirs["roberta"], tmp_path / "run")
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=120)
     assert (job.returncode, err) == (128 + signal.SIGTERM, "")
