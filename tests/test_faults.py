@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -32,6 +33,10 @@ from hypothesis import strategies as st
 
 from mlm.cli import main
 from mlm.config import PretrainConfig, load_config, parse_budget
+from mlm.errors import UserError
+from mlm.eval.finetune import FinetuneConfig
+from mlm.eval.glue import parse_overrides, task_config
+from mlm.eval.tasks import GLUE_TASKS
 from mlm.train.metrics import read_metrics
 from mlm.train.pretrain import pretrain
 
@@ -445,7 +450,6 @@ def test_a_full_disk_while_preparing_leaves_no_finished_looking_data(tokenizer_d
     the part file, exit 2, no OUT (only OUT.partial, which pretraining refuses as unfinished). Without the
     limit the same command finishes, byte for byte as a preparation that never failed."""
     from mlm.data.prepare import read_manifest
-    from mlm.errors import UserError
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(make_documents(20_000, seed=1)) + "\n")
@@ -559,3 +563,27 @@ def test_a_run_stopped_at_an_evaluation_step_keeps_its_validation_loss(data_dirs
     unbroken.eval.every = 5
     pretrain(unbroken, log=lambda _: None)
     assert without_timing(read_metrics(tmp_path / "run")) == without_timing(read_metrics(tmp_path / "unbroken"))
+
+
+GLUE_FIELDS = [f.name for f in dataclasses.fields(FinetuneConfig)]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(items=st.lists(st.tuples(st.sampled_from(["", "rte."]), st.sampled_from(GLUE_FIELDS), VALUES)
+                      .map(lambda t: f"{t[0]}{t[1]}={t[2]}"), min_size=1, max_size=3))
+@example(items=["lr=nan"])  # was accepted: nan <= 0 is false
+@example(items=["rte.lr=inf"])
+@example(items=["adam_eps=-1"])
+@example(items=["device=bogus"])  # was: a RuntimeError at fine-tuning
+def test_random_glue_settings_are_accepted_whole_or_refused_in_one_line(items):
+    """`mlm glue --set` with random values for every fine-tuning field: the settings a task would run with
+    are either built, with every number finite and in range, or refused as a UserError before any work."""
+    try:
+        cfg = task_config(GLUE_TASKS["rte"], FinetuneConfig(), parse_overrides(items))
+    except UserError:
+        event("refused")
+        return
+    event("accepted")
+    assert cfg.lr > 0 and all(math.isfinite(v) for v in (cfg.lr, cfg.weight_decay, cfg.adam_eps, cfg.max_grad_norm))
+    assert cfg.epochs >= 1 and cfg.batch_size >= 1 and cfg.eval_batch_size >= 1 and cfg.max_length >= 8
+    assert 0 <= cfg.warmup_ratio < 1 and all(0 <= b < 1 for b in cfg.adam_betas) and len(cfg.adam_betas) == 2
