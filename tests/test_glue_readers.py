@@ -205,3 +205,19 @@ def test_the_readme_task_file_example_is_valid(tmp_path):
     task = task_from_file(tmp_path / "my_task.toml")
     assert (task.name, task.text_fields, task.label_names, task.metrics) == (
         "topics", ("text",), ("business", "sport"), ("accuracy", "macro_f1"))
+
+
+def test_glue_from_an_unreachable_hub_is_one_line_at_once(monkeypatch):
+    """No network (HF_ENDPOINT on a .invalid host, which never resolves): no minute of retries, the way out."""
+    import time
+
+    from mlm.eval.readers import read_hub
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.time()
+    with pytest.raises(UserError, match=r"could not load nyu-mll/glue/rte: the hub \(hub.invalid\) cannot be reached; "
+                                        r"for offline use pass --glue-dir"):
+        read_hub(GLUE_TASKS["rte"], ["train"])
+    assert time.time() - start < 10

@@ -379,3 +379,14 @@ def test_progress_in_documents_where_only_row_counts_are_known():
     progress.update(400, 9000, 0)  # a hub dataset's shard: documents, no byte count
     progress.close()
     assert " | 60% | ETA " in lines[-1] and "400 documents" in lines[-1]
+
+
+def test_a_hub_corpus_without_a_network_is_one_line_at_once(tmp_path, tokenizer_dirs):
+    env = {"HF_ENDPOINT": "https://hub.invalid", "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": ""}
+    start = time.time()
+    result = run_cli("--corpus", "hf:someorg/somecorpus", "--tokenizer", str(tokenizer_dirs["bert"]),
+                     "--out", str(tmp_path / "d"), env=env)
+    assert result.returncode == 2 and time.time() - start < 30
+    assert result.stderr.splitlines() == [
+        "error: cannot load dataset 'someorg/somecorpus': the hub (hub.invalid) cannot be reached; run where it can, "
+        "or give local files (a folder of .parquet/.jsonl files works as NAME)"]

@@ -1,3 +1,8 @@
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -84,3 +89,43 @@ def test_an_existing_folder_is_never_replaced_by_accident(corpus_file, tmp_path)
     build_tokenizer(tmp_path / "tok", [str(corpus_file)], "bert", 300, log=lambda _: None)
     build_tokenizer(tmp_path / "tok", [str(corpus_file)], "roberta", 400, log=lambda _: None, overwrite=True)
     assert tokenizer_family(load_tokenizer(tmp_path / "tok")) == "roberta"
+
+
+def _hub_cache_holding(tokenizer_dir: Path, cache: Path, repo_id: str) -> None:
+    """The layout huggingface_hub leaves after downloading `repo_id`: refs/main → snapshots/<commit>/files,
+    and .no_exist/<commit>/ marking the files the repository does not have (here config.json)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tokenizer_dir, repo / "snapshots" / commit)
+    (repo / ".no_exist" / commit).mkdir(parents=True)
+    (repo / ".no_exist" / commit / "config.json").touch()
+
+
+def test_without_a_network_a_hub_tokenizer_comes_from_the_cache_at_once(tokenizer_dirs, corpus_file, tmp_path):
+    """The hub unreachable (HF_ENDPOINT on a .invalid host, which never resolves): a tokenizer in the local
+    cache loads without a retry, and one that is not there is one error line in seconds, not a minute."""
+    env = {**os.environ, "HF_ENDPOINT": "https://hub.invalid", "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    env.pop("HF_HUB_OFFLINE", None)
+    _hub_cache_holding(tokenizer_dirs["roberta"], tmp_path / "cache", "someorg/tiny-tok")
+
+    def prepare(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mlm", "prepare", "--corpus", str(corpus_file), "--tokenizer", name,
+                               "--out", str(tmp_path / name.replace("/", "-"))], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    cached = prepare("someorg/tiny-tok")
+    assert cached.returncode == 0 and "Retry" not in cached.stderr, cached.stderr
+    start = time.time()
+    missing = prepare("someorg/not-there")
+    assert missing.returncode == 2 and time.time() - start < 20
+    assert missing.stderr.splitlines() == [
+        "error: cannot load tokenizer 'someorg/not-there': the hub (hub.invalid) cannot be reached and it is not in "
+        "the local cache; give a tokenizer folder, or run where the hub can be reached"]
+
+
+def test_a_tokenizer_path_of_several_folders_is_never_taken_for_a_hub_name():
+    with pytest.raises(UserError, match="tokenizer directory some/local/path does not exist"):
+        load_tokenizer("some/local/path")

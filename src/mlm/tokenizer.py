@@ -17,6 +17,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from mlm.atomic import atomic_dir, os_error_behind
 from mlm.config import FAMILIES
 from mlm.errors import UserError
+from mlm.hub import hub_host, hub_reachable, offline_by_choice
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -119,13 +120,20 @@ def load_tokenizer(name_or_dir: str | Path):
     name = str(name_or_dir)
     if not name:
         raise UserError("no tokenizer given")
-    # "org/name" may be a hub name; a path that starts like a path is always local.
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    # "name" or "org/name" may be a hub name; anything else (a path that starts like one, more than one "/")
+    # is a folder.
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
     if looks_local and not Path(name).expanduser().is_dir():
         raise UserError(f"tokenizer directory {name} does not exist")
+    # No network: the hub library would retry each file for ~25 s; the local cache answers at once.
+    cache_only = not looks_local and (offline_by_choice() or not hub_reachable())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name)
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name,
+                                                  local_files_only=cache_only)
     except (OSError, ValueError) as e:
+        if cache_only:
+            raise UserError(f"cannot load tokenizer {name!r}: the hub ({hub_host()}) cannot be reached and it is not "
+                            "in the local cache; give a tokenizer folder, or run where the hub can be reached") from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load tokenizer {name!r}: {first_line}") from None
     if not tokenizer.is_fast:

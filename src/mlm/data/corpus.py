@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mlm.errors import UserError
+from mlm.hub import hub_host, hub_reachable, offline_by_choice
 
 DEMO_SOURCE = "demo"
 HF_PREFIX = "hf:"
@@ -275,6 +276,9 @@ def _load_hub(spec: str, options: ReadOptions):
     import datasets
 
     name, _, config = spec.partition(":")
+    if not Path(name).is_dir() and not offline_by_choice() and not hub_reachable():  # else ~25 s of retries per file
+        raise UserError(f"cannot load dataset {name!r}: the hub ({hub_host()}) cannot be reached; run where it can, "
+                        "or give local files (a folder of .parquet/.jsonl files works as NAME)")
     try:
         return datasets.load_dataset(name, config or None, split=options.split, streaming=True)
     except Exception as e:  # network, missing dataset, bad config: all the user's to fix

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mlm.errors import UserError
+from mlm.hub import hub_host, hub_reachable, offline_by_choice
 from mlm.eval.tasks import TaskSpec, custom_task
 
 # GLUE sentences hold quotes and very long fields; read them raw, as the GLUE scripts do.
@@ -111,6 +112,9 @@ def read_hub(task: TaskSpec, splits: list[str]) -> dict[str, list[dict]]:
     import datasets  # imported here: slow to import, and not needed for local data
 
     path, config = task.hub
+    if not offline_by_choice() and not hub_reachable():  # else ~25 s of retries per file before the same answer
+        raise UserError(f"could not load {path}/{config}: the hub ({hub_host()}) cannot be reached; for offline use "
+                        "pass --glue-dir with the original GLUE download (or HF_DATASETS_OFFLINE=1 for a cached copy)")
     try:
         dataset = datasets.load_dataset(path, config)
     except Exception as e:  # no network, unknown dataset...: one clear line
