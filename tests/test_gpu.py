@@ -73,9 +73,10 @@ def test_no_host_synchronisation_inside_a_training_step(data_dirs, tmp_path):
 def test_compiled_cross_entropy_writes_no_fp32_logits():
     """MaskedLMLoss's cross-entropy (`F.cross_entropy(logits.float(), labels)` on bf16 logits) compiled: the
     fp32 upcast is fused into the loss's reductions, so a forward and backward over 8,192 masked positions ×
-    50,265 words allocates bf16 logits and at most a bf16 gradient (2× one bf16 logits tensor, with the weight's
-    gradient 2.1×), never an fp32 copy beside them (3× at least). Eager PyTorch, measured the same way, does
-    allocate the fp32 copy, so the measurement tells the two apart."""
+    50,265 words allocates bf16 logits and at most a bf16 gradient (2× one bf16 logits tensor, about 2.2× with
+    the weight's gradient), never an fp32 copy (an fp32 tensor is 2× by itself, so 3× at least beside the bf16
+    logits or an fp32 gradient). Eager PyTorch, measured the same way, does allocate the fp32 copy, so the
+    measurement tells the two apart."""
     import torch.nn.functional as F
 
     positions, width, vocabulary = 8192, 512, 50265
@@ -102,4 +103,4 @@ def test_compiled_cross_entropy_writes_no_fp32_logits():
     eager = extra_memory(loss)
     torch._dynamo.reset()
     assert eager > 3 * bf16_logits  # bf16 logits + their fp32 copy + fp32 log-probabilities
-    assert compiled < 2.5 * bf16_logits, f"{compiled / bf16_logits:.2f}× a bf16 logits tensor"
+    assert compiled < 2.8 * bf16_logits, f"{compiled / bf16_logits:.2f}× a bf16 logits tensor"
