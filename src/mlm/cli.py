@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if is_lost_peer(e):  # not this rank's fault: the rank that failed first says why (mlm launch names it)
             if not os.environ.get(LAUNCHED_BY_MLM):
-                _fail(f"lost contact with another rank ({first[:200]}): that rank's output says why", LOST_PEER_EXIT)
+                _fail(f"lost contact with another rank ({first[:200]}): it failed or was stopped; the launcher's log "
+                      "names it (MLM_DEBUG=1 makes every rank print its error)", LOST_PEER_EXIT)
             sys.exit(LOST_PEER_EXIT)
         _fail(f"unexpected {type(e).__name__}: {first} (a bug in mlm: MLM_DEBUG=1 shows the traceback)", 1)
 
