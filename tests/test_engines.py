@@ -221,10 +221,15 @@ def test_plain_torchrun_still_says_the_error_once(data_dirs, tmp_path):
     assert errors == ["error: train.global_batch=16 is not a multiple of system.micro_batch=5 × 2 rank(s)"]
 
 
-def running_job(data_dir: Path, run: Path) -> subprocess.Popen:
-    """A 2-rank job of 1,000 steps under mlm launch, returned once it has logged two training losses."""
+def running_job(data_dir: Path, run: Path, plain_torchrun: bool = False) -> subprocess.Popen:
+    """A 2-rank job of 1,000 steps under mlm launch (or plain torchrun), returned once it has logged two
+    training losses."""
     args = [*overrides(data_dir, run, steps=1000), "--run.checkpoint_every=1000"]
-    job = subprocess.Popen(launch_command(2, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    command = launch_command(2, *args)
+    if plain_torchrun:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlm",
+                   "pretrain", *args]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
     while len(losses(run)) < 2 and time.time() < deadline and job.poll() is None:
         time.sleep(0.05)
@@ -240,6 +245,16 @@ def test_a_rank_killed_by_a_signal_is_named_in_one_line(data_dirs, tmp_path):
     _, err = job.communicate(timeout=120)
     assert job.returncode == 128 + signal.SIGKILL
     assert err.splitlines() == [f"error: rank 1 (pid {pid}) was killed by SIGKILL; the other ranks were stopped"]
+
+
+def test_under_plain_torchrun_the_rank_that_lost_its_peer_says_so_once(data_dirs, tmp_path):
+    """Without mlm launch nobody names the killed rank for us: rank 0 says it lost contact, in one line."""
+    job = running_job(data_dirs["roberta"], tmp_path / "run", plain_torchrun=True)
+    os.kill(_rank_pids(job.pid)[1], signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: lost contact with another rank ("), err[-3000:]
+    assert "it failed or was stopped; the launcher's log names it" in errors[0]
 
 
 def test_the_multinode_script_trains_on_one_node(data_dirs, tmp_path):
