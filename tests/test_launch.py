@@ -52,3 +52,5 @@ def test_the_command_splits_torchrun_options_from_mlm_arguments():
         ["--nproc_per_node", "2"], ["pretrain", "c.toml", "--train.steps=3"])
     with pytest.raises(UserError, match="mlm launch needs a command to run on every rank"):
         split_arguments(["--nproc_per_node=2", "configs/tiny.toml"])
+    with pytest.raises(UserError, match=r"mlm launch runs mlm itself: drop '-m mlm'"):
+        split_arguments(["--nproc_per_node=2", "-m", "mlm", "pretrain", "configs/tiny.toml"])

@@ -25,6 +25,8 @@ def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
     """torchrun's options, and the mlm command with its own arguments (from the first word naming one)."""
     for i, word in enumerate(argv):
         if word in COMMANDS:
+            if {"-m", "--module", "mlm"} & set(argv[:i]):  # torchrun's habit: mlm launch runs mlm itself
+                raise UserError(f"mlm launch runs mlm itself: drop '-m mlm' (mlm launch [torchrun options] {word} CONFIG …)")
             return argv[:i], argv[i:]
     raise UserError(f"mlm launch needs a command to run on every rank: mlm launch [torchrun options] "
                     f"{'|'.join(COMMANDS)} CONFIG [--section.key=value …]")
