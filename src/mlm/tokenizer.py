@@ -16,7 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from mlm.atomic import atomic_dir, os_error_behind
 from mlm.config import FAMILIES
-from mlm.errors import UserError
+from mlm.errors import UserError, first_line
 from mlm.hub import hub_host, hub_reachable, offline_by_choice
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -134,8 +134,7 @@ def load_tokenizer(name_or_dir: str | Path):
         if cache_only:
             raise UserError(f"cannot load tokenizer {name!r}: the hub ({hub_host()}) cannot be reached and it is not "
                             "in the local cache; give a tokenizer folder, or run where the hub can be reached") from None
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load tokenizer {name!r}: {first_line}") from None
+        raise UserError(f"cannot load tokenizer {name!r}: {first_line(e)}") from None
     if not tokenizer.is_fast:
         raise UserError(f"tokenizer {name!r} has no fast (Rust) implementation, which data preparation needs")
     if tokenizer.mask_token_id is None or tokenizer.sep_token_id is None or tokenizer.cls_token_id is None:

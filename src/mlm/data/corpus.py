@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from mlm.errors import UserError
+from mlm.errors import UserError, first_line
 from mlm.hub import hub_host, hub_reachable, offline_by_choice
 
 DEMO_SOURCE = "demo"
@@ -224,7 +224,7 @@ def _plan_parquet(path: Path, options: ReadOptions, unit_bytes: int) -> list[Uni
     try:
         meta = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a broken file
-        raise UserError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = meta.schema_arrow
     if options.text_field not in schema.names:
         raise UserError(f"{path}: no {options.text_field!r} column (columns: {', '.join(schema.names)})")
@@ -261,7 +261,7 @@ def _load_saved(path: Path, options: ReadOptions):
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise UserError(f"{path}: not a readable saved dataset ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable saved dataset ({first_line(e)})") from None
     if isinstance(dataset, datasets.DatasetDict):
         if options.split not in dataset:
             raise UserError(f"{path} has no split {options.split!r} (splits: {', '.join(dataset)}): use --hf-split")
@@ -282,7 +282,7 @@ def _load_hub(spec: str, options: ReadOptions):
     try:
         return datasets.load_dataset(name, config or None, split=options.split, streaming=True)
     except Exception as e:  # network, missing dataset, bad config: all the user's to fix
-        raise UserError(f"cannot load dataset {name!r}: {_first_line(e)}") from None
+        raise UserError(f"cannot load dataset {name!r}: {first_line(e)}") from None
 
 
 def _plan_hub(spec: str, options: ReadOptions) -> list[Unit]:
@@ -496,12 +496,7 @@ def _compressed_error(path: Path, e: Exception) -> str:
     if isinstance(e, OSError) and e.errno is not None:  # permissions, a vanished file: not the format
         return f"{path}: cannot read ({e.strerror})"
     kind = "zstd" if path.name.endswith(".zst") else "gzip" if path.name.endswith(".gz") else "text"
-    return f"{path}: not a readable {kind} file ({_first_line(e)})"
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return f"{path}: not a readable {kind} file ({first_line(e)})"
 
 
 # ---- the demo corpus ------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlm.config import SIZES
-from mlm.errors import UserError
+from mlm.errors import UserError, first_line
 
 
 def model_positions(config) -> int:
@@ -75,8 +75,7 @@ def load_model(path: str | Path) -> nn.Module:
     try:  # never trust_remote_code: a checkpoint is data, never code
         return AutoModelForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
     except (ValueError, OSError, KeyError) as e:  # custom code (auto_map), unknown model type, damaged files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot load it as a BERT/RoBERTa masked LM without running its code ({first})") from None
+        raise UserError(f"{path}: cannot load it as a BERT/RoBERTa masked LM without running its code ({first_line(e)})") from None
 
 
 def set_sdpa_backend(name: str, device: torch.device) -> None:
