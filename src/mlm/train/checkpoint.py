@@ -172,12 +172,19 @@ def _one_process_is_fine() -> Iterator[None]:
         yield
 
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     """This rank's random state: the CPU generator and its own GPU's (dropout draws from them)."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Put back what `rng_state` took."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.DistInfo, device: torch.device,
@@ -197,7 +204,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
         with _one_process_is_fine():
             dcp.save(engine.state_dict(), checkpoint_id=str(tmp / ENGINE_DIR))
         model = engine.export_model()  # full weights gathered on the main rank
-        rng = dist.gather_to_main(_rng_state(device), info)
+        rng = dist.gather_to_main(rng_state(device), info)
         if info.is_main:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.model_max_length = model_positions(model.config)  # so truncation=True fits the model
@@ -252,9 +259,6 @@ def load_training_state(checkpoint: Path, engine, info: dist.DistInfo, device: t
     engine.load_state_dict(engine_state)
     # Dropout streams continue exactly only where each rank finds its own state: the same world size.
     if state["world_size"] == info.world_size:
-        rng = state["rng"][info.rank]
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
+        set_rng_state(state["rng"][info.rank], device)
     loss_sum, loss_count = state.get("loss_window", (0.0, 0))  # absent from checkpoints of older versions
     return int(state["step"]), (float(loss_sum), int(loss_count))

@@ -43,7 +43,9 @@ from mlm.train.checkpoint import (
     newest_good_checkpoint,
     load_training_state,
     remove_partial_checkpoints,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from mlm.train.autobatch import auto_micro_batch
 from mlm.train.engines import Engine, build_engine, check_deepspeed
@@ -385,7 +387,7 @@ def time_first_steps(s: Setup, min_seconds: float) -> tuple[float, float, int]:
     the run that follows is the one a fixed train.steps would give. The first step (compilation,
     allocation) is not counted; the slowest rank's figures count."""
     saved = s.engine.copy_state()
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if s.device.type == "cuda" else None
+    rng = rng_state(s.device)
     times: list[float] = []
     started = time.perf_counter()
     for step in range(50):
@@ -401,9 +403,7 @@ def time_first_steps(s: Setup, min_seconds: float) -> tuple[float, float, int]:
         evaluate(s)
         eval_s = time.perf_counter() - begin
     s.engine.restore_state(saved)
-    torch.set_rng_state(rng[0])
-    if rng[1] is not None:
-        torch.cuda.set_rng_state_all(rng[1])
+    set_rng_state(rng, s.device)
     step_s = sorted(times[1:])[len(times[1:]) // 2]  # the median: robust to a slow outlier
     step_s, eval_s = dist.max_across_ranks([step_s, eval_s], s.info)
     return step_s, eval_s, len(times)
@@ -552,6 +552,11 @@ def fit(s: Setup, log=print) -> dict:
     windows_logged = 0
     glue_jobs = GlueQueue(cfg, s.run_dir)
     checkpoint = None
+
+    def write_checkpoint(step: int) -> Path:
+        return save_checkpoint(s.run_dir, step, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
+                               keep_also=glue_jobs.busy_steps(), loss_window=(loss_acc.item(), losses_in_window))
+
     if cfg.eval.every and s.start_step == 0 and s.validation is not None:
         val = evaluate(s)  # the curve starts from the untrained model
         if main:
@@ -597,17 +602,13 @@ def fit(s: Setup, log=print) -> dict:
             if signum is not None:
                 stopped_by = signal.Signals(signum).name
                 _stop_if_diverged(s, diverged, done, lr)
-                checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
-                                             keep_also=glue_jobs.busy_steps(),
-                                             loss_window=(loss_acc.item(), losses_in_window))
+                checkpoint = write_checkpoint(done)
                 say(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
                     "continue with the same command and --resume")
                 break
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
                 _stop_if_diverged(s, diverged, done, lr)  # never a checkpoint of a diverged state
-                checkpoint = save_checkpoint(s.run_dir, done, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
-                                             keep_also=glue_jobs.busy_steps(),
-                                             loss_window=(loss_acc.item(), losses_in_window))
+                checkpoint = write_checkpoint(done)
                 if main:
                     glue_jobs.add(done)
     bar.close()
