@@ -137,6 +137,11 @@ class TrainConfig:
             raise UserError("train.weight_decay and train.grad_clip must be >= 0, train.eps > 0")
 
 
+def is_device_name(name: str) -> bool:
+    """auto, cpu, cuda or cuda:N: a device a setting may name."""
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
 BUDGET_UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
 
 
@@ -274,7 +279,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.every < 0 or self.sequences < 1 or self.glue_every < 0:
             raise UserError("eval.every and eval.glue_every must be >= 0, eval.sequences positive")
-        if not (self.glue_device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.glue_device)):
+        if not is_device_name(self.glue_device):
             raise UserError(f"eval.glue_device: unknown device {self.glue_device!r} (auto, cpu, cuda or cuda:N)")
         try:  # checked now, not at the first checkpoint hours later
             shlex.split(self.glue_args)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mlm.config import is_device_name
 from mlm.errors import UserError
 from mlm.eval.metrics import compute_metrics
 from mlm.eval.tasks import TaskSpec
@@ -78,7 +78,7 @@ class FinetuneConfig:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise UserError(f"dtype must be auto, bf16 or fp32, got {self.dtype!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        if not is_device_name(self.device):
             raise UserError(f"device: unknown device {self.device!r} (use auto, cpu, cuda or cuda:N)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"device {self.device} but no CUDA GPU is available (use cpu)")
