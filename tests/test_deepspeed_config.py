@@ -60,7 +60,7 @@ def test_shipped_zero2_is_accepted_and_filled():
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == ACCUM
     assert ds["gradient_clipping"] == 0.5
-    assert ds["bf16"] == {"enabled": True}
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}  # a non-finite step is skipped
     assert ds["fp16"] == {"enabled": False}
     assert "scheduler" not in ds and "optimizer" not in ds
     assert ds["zero_optimization"]["stage"] == 2
@@ -83,6 +83,11 @@ def test_absent_and_auto_values_follow_our_config(tmp_path):
     assert ds["train_batch_size"] == 32 and ds["gradient_accumulation_steps"] == ACCUM
     assert ds["steps_per_print"] == 5  # an explicit value is left alone
     assert resolve_deepspeed_config(path, cfg, ACCUM, "cuda")["bf16"]["enabled"] is True
+
+
+def test_bf16_skips_non_finite_steps_unless_the_file_says_otherwise(tmp_path):
+    path = write(tmp_path, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True, "check_grad_overflow": False}})
+    assert resolve_deepspeed_config(path, small_config(), ACCUM, "cuda")["bf16"]["check_grad_overflow"] is False
 
 
 def test_explicit_values_that_agree_are_accepted(tmp_path):

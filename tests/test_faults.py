@@ -8,10 +8,13 @@ size limit, SIGKILL, SIGINT) run `python -m mlm`."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gzip
 import hashlib
+import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -587,3 +590,144 @@ def test_random_glue_settings_are_accepted_whole_or_refused_in_one_line(items):
     assert cfg.lr > 0 and all(math.isfinite(v) for v in (cfg.lr, cfg.weight_decay, cfg.adam_eps, cfg.max_grad_norm))
     assert cfg.epochs >= 1 and cfg.batch_size >= 1 and cfg.eval_batch_size >= 1 and cfg.max_length >= 8
     assert 0 <= cfg.warmup_ratio < 1 and all(0 <= b < 1 for b in cfg.adam_betas) and len(cfg.adam_betas) == 2
+
+
+# ---- bad steps: one with a NaN or infinite gradient is skipped, a run of them stops training ---------------
+
+@contextlib.contextmanager
+def poison_steps(steps: set[int], accum: int):
+    """The training forward passes of the given (1-based) steps give NaN, from the embeddings on: a real fault
+    in the real loop, engine and optimizer. `accum` forward passes make one step."""
+    calls = itertools.count()
+
+    def hook(module, args, output):
+        if type(module).__name__.endswith("Embeddings") and module.training and next(calls) // accum + 1 in steps:
+            return output * float("nan")
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def bad_step_config(data_dir: Path, run: Path, steps: int) -> PretrainConfig:
+    """A checkpoint after every step (all kept), no evaluation; 2 forward passes per step."""
+    cfg = tiny_config(data_dir, run, steps=steps)
+    cfg.run.checkpoint_every, cfg.run.keep_checkpoints, cfg.eval.every = 1, 0, 0
+    return cfg
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = weights(a), weights(b)
+    return all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_step_with_a_nan_gradient_is_skipped_and_training_goes_on(data_dirs, tmp_path, strategy):
+    """Step 5 of 8 gives NaN: its update is skipped (checkpoint-5 holds checkpoint-4's weights), the logged
+    loss of its window leaves it out and counts it, a warning says so, and training goes on."""
+    cfg = bad_step_config(data_dirs["roberta"], tmp_path / "run", steps=8)
+    cfg.run.log_every, cfg.system.strategy = 2, strategy
+    lines = []
+    with poison_steps({5}, accum=2):
+        pretrain(cfg, log=lines.append)
+    run = tmp_path / "run"
+    assert same_weights(run / "checkpoint-4", run / "checkpoint-5")
+    assert not same_weights(run / "checkpoint-5", run / "checkpoint-6")
+    logged = {m["step"]: m for m in read_metrics(run) if "loss" in m}
+    assert sorted(logged) == [2, 4, 6, 8] and all(math.isfinite(m["loss"]) for m in logged.values())
+    assert [step for step, m in logged.items() if "bad_steps" in m] == [6] and logged[6]["bad_steps"] == 1
+    assert "warning: 1 of the steps up to step 6 had a NaN or infinite loss or gradient norm and were skipped" in "\n".join(lines)
+
+
+def test_more_bad_steps_in_a_row_than_tolerated_stop_the_run(data_dirs, tmp_path):
+    """train.max_bad_steps=2 and steps 3 to 6 give NaN: the run stops at step 5, the third in a row, in one
+    error naming the newest checkpoint (step 4's, which holds step 2's weights: 3 and 4 were skipped)."""
+    run = tmp_path / "run"
+    cfg = bad_step_config(data_dirs["roberta"], run, steps=10)
+    cfg.run.log_every, cfg.train.max_bad_steps = 5, 2
+    message = (r"training diverged: 3 steps in a row had a NaN or infinite loss or gradient norm by step 5 \(lr \S+; "
+               r"2 tolerated\); no checkpoint was written from them\. Lower train\.lr or check the data, then resume "
+               rf"from {re.escape(str(run / 'checkpoint-4'))}$")
+    with poison_steps({3, 4, 5, 6}, accum=2), pytest.raises(UserError, match=message):
+        pretrain(cfg, log=lambda _: None)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert same_weights(run / "checkpoint-2", run / "checkpoint-4")
+    assert not list(run.glob(".checkpoint-*"))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_a_torch_engine_step_with_a_non_finite_gradient_changes_nothing(fused):
+    """Either AdamW implementation: a NaN gradient leaves every weight and every optimizer state (moments,
+    step count) as it was, and the next finite step updates as usual."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from mlm.config import TrainConfig
+    from mlm.train.engines.torch_engines import DDPEngine
+    from mlm.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=16))
+    engine = DDPEngine(model, lambda m: build_optimizer(m, TrainConfig(), fused=fused), torch.device("cpu"),
+                       distributed=False, compile_mode=None, autocast_dtype=None)
+
+    def step_with(bad: bool) -> torch.Tensor:
+        for param in model.parameters():
+            param.grad = torch.randn_like(param)
+        if bad:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        return engine.step(1e-3, 1.0)
+
+    def snapshot():
+        return [p.detach().clone() for p in model.parameters()], copy.deepcopy(engine.optimizer.state_dict()["state"])
+
+    assert torch.isfinite(step_with(bad=False))
+    before = snapshot()
+    assert not torch.isfinite(step_with(bad=True))
+    after = snapshot()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert before[1].keys() == after[1].keys()
+    assert all(torch.equal(before[1][i][k], after[1][i][k]) for i in before[1] for k in before[1][i])
+    assert torch.isfinite(step_with(bad=False))
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(after[0], model.parameters()))
+
+
+RUN_POISONED = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_faults import poison_steps
+from mlm.cli import main
+with poison_steps({steps!r}, accum={accum}):
+    main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason='needs the deepspeed extra')
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp32"])
+def test_deepspeed_skips_a_nan_step_with_bf16_and_stops_at_it_without(data_dirs, tmp_path, bf16):
+    """DeepSpeed's ZeRO optimizer skips a step with non-finite gradients when it checks for overflow, which
+    bf16.check_grad_overflow turns on (set by default); without that check (fp32), training stops at the
+    first such step instead of tolerating train.max_bad_steps."""
+    ds_config = tmp_path / "zero2.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": bf16}}))
+    cfg = bad_step_config(data_dirs["roberta"], tmp_path / "run", steps=6)
+    cfg.system.strategy, cfg.system.deepspeed_config = "deepspeed", str(ds_config)
+    cfg.system.precision = "bf16" if bf16 else "fp32"
+    runner = tmp_path / "run_poisoned.py"
+    runner.write_text(RUN_POISONED.format(tests=str(Path(__file__).parent), steps={3}, accum=2))
+    result = subprocess.run([sys.executable, str(runner), "pretrain", *as_overrides(cfg)], capture_output=True,
+                            text=True, env={**ENV, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    run = tmp_path / "run"
+    if bf16:
+        assert result.returncode == 0, result.stderr
+        assert "warning: 1 of the steps up to step 3 had a NaN" in result.stdout
+        assert same_weights(run / "checkpoint-2", run / "checkpoint-3")
+        assert (run / "checkpoint-6").is_dir()
+    else:
+        assert_one_error_line(result.returncode, result.stderr, "training diverged: 1 step in a row had a NaN or "
+                              "infinite loss or gradient norm by step 3 (lr")
+        assert "0 tolerated" in result.stderr
+        assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

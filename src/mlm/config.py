@@ -108,6 +108,12 @@ class TrainConfig:
     """Clip the global gradient norm to this; 0 disables."""
     seed: int = 0
     """Seeds initialisation, data order and masking."""
+    max_bad_steps: int = 3
+    """A step whose gradient norm is NaN or infinite is skipped: its update is not applied (weights and AdamW
+    state stay as they were). Such a step, or one whose loss is NaN or infinite, is a bad step: its loss stays
+    out of the logged mean, and after more than this many bad steps in a row training stops with an error,
+    writing no checkpoint from them; 0 stops at the first. Under deepspeed the skip needs bf16 with
+    bf16.check_grad_overflow (on unless the JSON turns it off); without it, training stops at the first."""
     budget: str = ""
     """Fit the run into a budget instead of running train.steps: wall time ("90s", "8min", "2h") or tokens
     ("5e9 tokens"). A time budget is measured on the first steps (then set back, so they cost time, not
@@ -125,6 +131,8 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
+        if self.max_bad_steps < 0:
+            raise UserError(f"train.max_bad_steps must be >= 0, got {self.max_bad_steps}")
         if self.seed < 0:
             raise UserError(f"train.seed must be >= 0, got {self.seed}")
         if self.seed >= 2**32:  # seed × 1,000,003 + step seeds torch's generators, which take 64 bits
@@ -173,7 +181,8 @@ class SystemConfig:
     prefetch: bool = True
     """Read and pin the next step's batch in a background thread while the current step computes."""
     fused_optimizer: bool = True
-    """On a GPU, AdamW's fused kernel (one launch for every parameter); false: its foreach implementation."""
+    """On a GPU, AdamW's fused kernel (one launch for every parameter); false: its foreach implementation,
+    which costs one host synchronisation per step to skip a step with a NaN or infinite gradient norm."""
     fused_qkv: bool = True
     """Compute each attention layer's query, key and value in one matmul instead of three (the weights and
     checkpoints stay Hugging Face's); false: HF's own attention forward."""

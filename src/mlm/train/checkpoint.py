@@ -188,10 +188,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.DistInfo, device: torch.device,
-                    keep: int = 0, keep_also: set[int] = frozenset(), loss_window: tuple[float, int] = (0.0, 0)) -> Path:
+                    keep: int = 0, keep_also: set[int] = frozenset(), tally: dict | None = None) -> Path:
     """Write checkpoint-<step>/ with every rank; with keep > 0, delete all but the newest `keep`, and but
-    the steps in `keep_also` (checkpoints a GLUE job still has to read). `loss_window` (the sum of the losses
-    since the last logged step, and their count) lets a resumed run log the same mean as an unbroken one."""
+    the steps in `keep_also` (checkpoints a GLUE job still has to read). `tally` (StepTally.state(): the
+    losses and bad steps since the last logged step) lets a resumed run log and stop as an unbroken one."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar, the training one
@@ -210,7 +210,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
             tokenizer.model_max_length = model_positions(model.config)  # so truncation=True fits the model
             tokenizer.save_pretrained(str(tmp))
             state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng,
-                     "loss_window": [float(loss_window[0]), int(loss_window[1])]}
+                     "tally": dict(tally or {})}
             with open(tmp / STATE_FILE, "wb") as f:  # a file object: a failed write keeps its OSError as context
                 torch.save(state, f)
             _write_checksums(tmp)
@@ -238,9 +238,9 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
     return final
 
 
-def load_training_state(checkpoint: Path, engine, info: dist.DistInfo, device: torch.device) -> tuple[int, tuple[float, int]]:
+def load_training_state(checkpoint: Path, engine, info: dist.DistInfo, device: torch.device) -> tuple[int, dict]:
     """Restore the engine's model and optimizer state (resharded to this world size) and, on the same
-    number of ranks, each rank's RNG state; returns the step to continue from and the loss window."""
+    number of ranks, each rank's RNG state; returns the step to continue from and the loop's tally."""
     # weights_only: a checkpoint is data, never code.
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     if not (checkpoint / ENGINE_DIR).is_dir():
@@ -260,5 +260,7 @@ def load_training_state(checkpoint: Path, engine, info: dist.DistInfo, device: t
     # Dropout streams continue exactly only where each rank finds its own state: the same world size.
     if state["world_size"] == info.world_size:
         set_rng_state(state["rng"][info.rank], device)
-    loss_sum, loss_count = state.get("loss_window", (0.0, 0))  # absent from checkpoints of older versions
-    return int(state["step"]), (float(loss_sum), int(loss_count))
+    if "tally" not in state:  # older checkpoints carried only the losses' sum and count
+        loss_sum, losses = state.get("loss_window", (0.0, 0))
+        state["tally"] = {"loss_sum": loss_sum, "losses": losses}
+    return int(state["step"]), state["tally"]

@@ -123,6 +123,10 @@ def _precision(r: _Resolver, ds: dict, cfg: PretrainConfig, device_type: str) ->
         raise r.fail(f"bf16.enabled must be true, false or \"auto\", got {_show(enabled)}")
     elif (enabled and precision == "fp32") or (not enabled and precision == "bf16"):
         raise r.fail(f"bf16.enabled={_show(enabled)} contradicts system.precision={precision}")
+    if bf16["enabled"]:
+        # A step with NaN or infinite gradients is skipped rather than applied (the default from DeepSpeed
+        # 0.19, off before): what train.max_bad_steps counts on.
+        bf16.setdefault("check_grad_overflow", True)
 
 
 def _zero_stage(r: _Resolver, ds: dict) -> None:

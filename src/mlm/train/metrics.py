@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 
 
 class MetricsLogger:
@@ -33,6 +34,56 @@ class MetricsLogger:
         self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class StepTally:
+    """The loop's running figures since the last logged step, kept on the device so that a training step costs
+    no host synchronisation.
+
+    A step is bad when its loss or gradient norm is NaN or infinite. Its loss stays out of the logged mean,
+    and the engine skips its update when the norm is not finite. `bad_in_row` (with `longest_bad_run`, its
+    maximum since the last `check`) tells a run of bad steps, which means divergence, from a lone one.
+    `state()` goes into each checkpoint, so a resumed run logs what an unbroken one logs."""
+
+    def __init__(self, device: torch.device, state: dict | None = None):
+        state = state or {}
+
+        def number(key: str, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(state.get(key, 0), dtype=dtype, device=device)
+
+        self.loss_sum = number("loss_sum", torch.float32)
+        self.losses = number("losses", torch.long)
+        """How many finite losses `loss_sum` adds up."""
+        self.bad_steps = number("bad_steps", torch.long)
+        self.bad_in_row = number("bad_in_row", torch.long)
+        self.longest_bad_run = self.bad_in_row.clone()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss) | ~torch.isfinite(grad_norm.to(loss.device))
+        self.loss_sum += torch.where(bad, 0.0, loss.float())
+        self.losses += ~bad
+        self.bad_steps += bad
+        self.bad_in_row = torch.where(bad, self.bad_in_row + 1, 0)
+        self.longest_bad_run = torch.maximum(self.longest_bad_run, self.bad_in_row)
+
+    def check(self) -> int:
+        """The longest run of bad steps in a row since the last check (one host sync)."""
+        longest = int(self.longest_bad_run.item())
+        self.longest_bad_run = self.bad_in_row.clone()
+        return longest
+
+    def take_window(self) -> tuple[float | None, int]:
+        """The mean of the finite losses since the last call (None if there were none) and the number of bad
+        steps among them, then a new window (one host sync)."""
+        loss_sum, losses, bad_steps = torch.stack([self.loss_sum, self.losses.float(), self.bad_steps.float()]).tolist()
+        for value in (self.loss_sum, self.losses, self.bad_steps):
+            value.zero_()
+        return (loss_sum / losses if losses else None), int(bad_steps)
+
+    def state(self) -> dict:
+        """Plain numbers for a checkpoint (one host sync)."""
+        return {"loss_sum": float(self.loss_sum.item()), "losses": int(self.losses.item()),
+                "bad_steps": int(self.bad_steps.item()), "bad_in_row": int(self.bad_in_row.item())}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
@@ -49,7 +50,7 @@ from mlm.train.checkpoint import (
 )
 from mlm.train.autobatch import auto_micro_batch
 from mlm.train.engines import Engine, build_engine, check_deepspeed
-from mlm.train.metrics import MetricsLogger
+from mlm.train.metrics import MetricsLogger, StepTally
 from mlm.train.run_lock import LOCK_FILE, OWNER_FILE, lock_run_dir
 from mlm.train.optim import lr_factor
 
@@ -83,8 +84,8 @@ class Setup:
     accum: int
     start_step: int
     compiled: bool
-    loss_window: tuple[float, int] = (0.0, 0)
-    """The losses since the last logged step before start_step: their sum and count (from the checkpoint)."""
+    tally: dict = dataclasses.field(default_factory=dict)
+    """The checkpoint's StepTally.state(): losses and bad steps since the last logged step before start_step."""
 
 
 def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
@@ -292,7 +293,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     compiled = wants_compile(cfg, device)
     autocast_dtype = torch.bfloat16 if bf16 and strategy != "deepspeed" else None
     engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)
-    start_step, loss_window = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else (0, (0.0, 0))
+    start_step, tally = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else (0, {})
 
     run_lock = None
     if info.is_main:
@@ -319,7 +320,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         accum=accum,
         start_step=start_step,
         compiled=compiled,
-        loss_window=loss_window,
+        tally=tally,
     )
     try:
         if start_step == 0 and cfg.train.budget and cfg.train.budget != _recorded_train(run_dir).get("budget"):
@@ -544,9 +545,7 @@ def fit(s: Setup, log=print) -> dict:
     bar = tqdm(total=cfg.train.steps, initial=s.start_step, disable=not show_bar, unit="step", dynamic_ncols=True)
     say = bar.write if show_bar else (log if main else lambda _: None)
     # The logged loss is the mean since the last logged step; a resumed run starts with the checkpoint's part.
-    loss_acc = torch.tensor(s.loss_window[0], device=s.device)
-    losses_in_window = s.loss_window[1]
-    diverged = torch.zeros((), dtype=torch.bool, device=s.device)  # any non-finite loss or norm, kept on the device
+    tally = StepTally(s.device, s.tally)
     steps_in_window, window_start = 0, time.time()  # for the speed: this process's steps only
     last_loss = last_val = stopped_by = None
     windows_logged = 0
@@ -555,7 +554,7 @@ def fit(s: Setup, log=print) -> dict:
 
     def write_checkpoint(step: int) -> Path:
         return save_checkpoint(s.run_dir, step, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
-                               keep_also=glue_jobs.busy_steps(), loss_window=(loss_acc.item(), losses_in_window))
+                               keep_also=glue_jobs.busy_steps(), tally=tally.state())
 
     if cfg.eval.every and s.start_step == 0 and s.validation is not None:
         val = evaluate(s)  # the curve starts from the untrained model
@@ -564,36 +563,43 @@ def fit(s: Setup, log=print) -> dict:
     with dist.stop_on_signals() as stop:
         for step in range(s.start_step, cfg.train.steps):
             loss, grad_norm, lr = train_step(s, step)
-            diverged |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm.to(s.device))
-            loss_acc += loss
-            losses_in_window += 1
+            tally.add(loss, grad_norm)
             steps_in_window += 1
             done = step + 1
             bar.update(1)
             if done % cfg.run.log_every == 0 or done == cfg.train.steps:
-                last_loss = (loss_acc / losses_in_window).item()  # the only host sync of the step loop
+                _stop_if_diverged(s, tally, done, lr)
+                window_loss, bad_steps = tally.take_window()  # with the check: the host syncs of the step loop
+                last_loss = window_loss if window_loss is not None else last_loss
                 seconds_per_step = (time.time() - window_start) / steps_in_window
                 tokens_per_s = tokens_per_step / seconds_per_step
                 if main:
-                    logger.log(done, loss=last_loss, lr=lr, grad_norm=grad_norm.item(), tokens_per_s=tokens_per_s,
-                               **_peak_memory(s.device))
-                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                    figures = {"loss": window_loss} if window_loss is not None else {}
+                    if bad_steps:
+                        figures["bad_steps"] = bad_steps
+                        say(f"warning: {bad_steps} of the steps up to step {done} had a NaN or infinite loss or "
+                            "gradient norm and were skipped (their updates and losses left out)")
+                    norm = grad_norm.item()
+                    logger.log(done, **figures, lr=lr, **({"grad_norm": norm} if math.isfinite(norm) else {}),
+                               tokens_per_s=tokens_per_s, **_peak_memory(s.device))
+                    bar.set_postfix(loss=f"{window_loss:.3f}" if window_loss is not None else "-", lr=f"{lr:.2e}",
+                                    tok_s=f"{tokens_per_s:,.0f}")
                     eta = datetime.timedelta(seconds=round((cfg.train.steps - done) * seconds_per_step))
                     windows_logged += 1
                     if windows_logged == 2 and eta > LONG_RUN:  # the first window includes compilation
                         say(f"warning: at the measured {tokens_per_s:,.0f} tokens/s this run ends in about {eta}; "
                             "more GPUs (mlm launch), a smaller model.size or fewer train.steps shorten it")
                     if not show_bar:
-                        say(f"step {done}/{cfg.train.steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
+                        shown = f"{window_loss:.4f}" if window_loss is not None else "-"
+                        say(f"step {done}/{cfg.train.steps} | loss {shown} | lr {lr:.2e} | "
                             f"{tokens_per_s:,.0f} tokens/s | ETA {eta}")
-                loss_acc.zero_()
-                losses_in_window = steps_in_window = 0
+                steps_in_window = 0
                 window_start = time.time()
-                _stop_if_diverged(s, diverged, done, lr)
                 if main:
                     glue_jobs.start_if_idle()
             # Before a stop: a resumed run starts after this step and would never evaluate it.
             if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
+                _stop_if_diverged(s, tally, done, lr)  # never an evaluation of a diverged state
                 last_val = evaluate(s)
                 if main and last_val is not None:
                     logger.log(done, val_loss=last_val)
@@ -601,13 +607,13 @@ def fit(s: Setup, log=print) -> dict:
             signum = stop.agreed(s.info)
             if signum is not None:
                 stopped_by = signal.Signals(signum).name
-                _stop_if_diverged(s, diverged, done, lr)
+                _stop_if_diverged(s, tally, done, lr)
                 checkpoint = write_checkpoint(done)
                 say(f"stopped by {stopped_by} after step {done}: checkpoint written to {checkpoint}; "
                     "continue with the same command and --resume")
                 break
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.steps:
-                _stop_if_diverged(s, diverged, done, lr)  # never a checkpoint of a diverged state
+                _stop_if_diverged(s, tally, done, lr)  # never a checkpoint of a diverged state
                 checkpoint = write_checkpoint(done)
                 if main:
                     glue_jobs.add(done)
@@ -626,15 +632,18 @@ def fit(s: Setup, log=print) -> dict:
     }
 
 
-def _stop_if_diverged(s: Setup, diverged: torch.Tensor, step: int, lr: float) -> None:
-    """Stop, writing nothing more, once a loss or gradient norm has been NaN or infinite (one host sync:
-    called at logging steps and before checkpoints only)."""
-    if diverged.item():
+def _stop_if_diverged(s: Setup, tally: StepTally, step: int, lr: float) -> None:
+    """Stop, writing nothing more, once more than train.max_bad_steps steps in a row had a NaN or infinite
+    loss or gradient norm; with an engine that cannot skip such a step, at the first. One host sync: called
+    at logging, evaluation and checkpoint steps only."""
+    allowed = s.cfg.train.max_bad_steps if s.engine.skips_non_finite_steps else 0
+    longest = tally.check()
+    if longest > allowed:
         good = checkpoint_dirs(s.run_dir)
         raise UserError(
-            f"training diverged: a NaN or infinite loss or gradient norm by step {step} (lr {lr:.2e}); no checkpoint "
-            f"was written from it. Lower train.lr or check the data, then "
-            + (f"resume from {good[-1]}" if good else "start again")
+            f"training diverged: {longest} step{'s' if longest > 1 else ''} in a row had a NaN or infinite loss or "
+            f"gradient norm by step {step} (lr {lr:.2e}; {allowed} tolerated); no checkpoint was written from them. "
+            "Lower train.lr or check the data, then " + (f"resume from {good[-1]}" if good else "start again")
         )
 
 

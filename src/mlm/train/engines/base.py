@@ -42,6 +42,9 @@ class Engine(ABC):
     """The system.strategy value, e.g. "ddp"."""
     hf_model: nn.Module
     """The Hugging Face model being trained (its parameters may be sharded or low-precision copies)."""
+    skips_non_finite_steps: bool = False
+    """Whether `step` leaves the weights and optimizer state unchanged when the gradient norm is NaN or
+    infinite; the loop tolerates train.max_bad_steps such steps in a row only then."""
 
     @abstractmethod
     def forward_backward(
@@ -54,7 +57,8 @@ class Engine(ABC):
     @abstractmethod
     def step(self, lr: float, grad_clip: float) -> torch.Tensor:
         """Clip the global gradient norm to grad_clip (0: no clipping), take one optimizer step at
-        learning rate `lr`, zero the gradients. Returns the norm before clipping, as a device tensor."""
+        learning rate `lr` (skipped if the norm is not finite and the engine `skips_non_finite_steps`), zero
+        the gradients. Returns the norm before clipping, as a device tensor (infinite for a skipped step)."""
 
     @abstractmethod
     def eval_loss(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ class DeepSpeedEngine(Engine):
         if compile_mode:
             self.engine.compile(compile_kwargs={"mode": compile_mode})
         self.parameters = list(self.loss_model.named_parameters())  # shared (tied) weights listed once
+        # DeepSpeed's ZeRO optimizer skips a step with non-finite gradients when it checks for overflow: with
+        # bf16, bf16.check_grad_overflow (resolve_deepspeed_config sets it unless the JSON says otherwise).
+        self.skips_non_finite_steps = bool(getattr(self.optimizer, "check_grad_overflow", False))
 
     def forward_backward(self, input_ids, positions, labels, accum, last):
         loss = self.engine(input_ids, positions, labels)
@@ -51,6 +54,8 @@ class DeepSpeedEngine(Engine):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()
+        if getattr(self.optimizer, "overflow", False):  # DeepSpeed skipped the step (its own host-side flag)
+            return torch.tensor(float("inf"), device=self.device)
         norm = self.engine.get_global_grad_norm()  # before clipping; a device tensor: no host sync here
         if norm is None:
             return torch.tensor(float("nan"))

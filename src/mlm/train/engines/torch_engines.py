@@ -38,14 +38,23 @@ class _TorchEngine(Engine):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    skips_non_finite_steps = True
+
     def step(self, lr, grad_clip):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.hf_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        # Over sharded (DTensor) parameters the norm is a DTensor, the same on every rank: the loop wants a plain tensor.
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if self.optimizer.defaults.get("fused"):
+            # AdamW's fused kernel skips the whole update (weights, moments, step count) on the device when
+            # found_inf is 1: the input torch's GradScaler uses. No host sync.
+            self.optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+            self.optimizer.step()
+        elif torch.isfinite(grad_norm).item():  # foreach AdamW has no such input: one host sync per step
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Over sharded (DTensor) parameters the norm is a DTensor: the loop wants a plain tensor.
-        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        return grad_norm
 
     @torch.no_grad()
     def eval_loss(self, input_ids, positions, labels):
