@@ -658,40 +658,58 @@ def test_more_bad_steps_in_a_row_than_tolerated_stop_the_run(data_dirs, tmp_path
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
-def test_a_torch_engine_step_with_a_non_finite_gradient_changes_nothing(fused):
-    """Either AdamW implementation: a NaN gradient leaves every weight and every optimizer state (moments,
-    step count) as it was, and the next finite step updates as usual."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_torch_engine_step_with_a_non_finite_gradient_changes_nothing(strategy, fused):
+    """Either engine, either AdamW implementation (fused: on the device through found_inf, also over FSDP's
+    DTensor shards): a NaN gradient leaves every weight and every optimizer state (moments, step count) as
+    it was, and the next finite step updates as usual."""
     from transformers import BertConfig, BertForMaskedLM
 
+    from mlm import dist
     from mlm.config import TrainConfig
-    from mlm.train.engines.torch_engines import DDPEngine
+    from mlm.train.engines.torch_engines import DDPEngine, FSDPEngine
     from mlm.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=32, max_position_embeddings=16))
-    engine = DDPEngine(model, lambda m: build_optimizer(m, TrainConfig(), fused=fused), torch.device("cpu"),
-                       distributed=False, compile_mode=None, autocast_dtype=None)
+    cpu = torch.device("cpu")
 
-    def step_with(bad: bool) -> torch.Tensor:
-        for param in model.parameters():
-            param.grad = torch.randn_like(param)
-        if bad:
-            next(model.parameters()).grad[0, 0] = float("nan")
-        return engine.step(1e-3, 1.0)
+    def optimizer_factory(m):
+        return build_optimizer(m, TrainConfig(), fused=fused)
 
-    def snapshot():
-        return [p.detach().clone() for p in model.parameters()], copy.deepcopy(engine.optimizer.state_dict()["state"])
+    dist.init("cpu", need_group=True)  # FSDP shards over a group (of one, here)
+    try:
+        if strategy == "ddp":
+            engine = DDPEngine(model, optimizer_factory, cpu, distributed=False, compile_mode=None, autocast_dtype=None)
+        else:
+            engine = FSDPEngine(model, optimizer_factory, cpu, compile_mode=None, autocast_dtype=None,
+                                reshard_after_forward=True)
 
-    assert torch.isfinite(step_with(bad=False))
-    before = snapshot()
-    assert not torch.isfinite(step_with(bad=True))
-    after = snapshot()
-    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
-    assert before[1].keys() == after[1].keys()
-    assert all(torch.equal(before[1][i][k], after[1][i][k]) for i in before[1] for k in before[1][i])
-    assert torch.isfinite(step_with(bad=False))
-    assert not all(torch.equal(a, b.detach()) for a, b in zip(after[0], model.parameters()))
+        def full(tensor: torch.Tensor) -> torch.Tensor:
+            return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+        def step_with(bad: bool) -> torch.Tensor:
+            for param in model.parameters():
+                grad = torch.randn(param.shape)
+                param.grad = torch.distributed.tensor.distribute_tensor(grad, param.device_mesh, param.placements) \
+                    if hasattr(param, "device_mesh") else grad
+            if bad:
+                next(model.parameters()).grad.mul_(float("nan"))
+            return engine.step(1e-3, 1.0)
+
+        def snapshot() -> list[torch.Tensor]:
+            state = engine.optimizer.state
+            return [full(p) for p in model.parameters()] + [full(v) for p in model.parameters() for v in state[p].values()]
+
+        assert torch.isfinite(step_with(bad=False))
+        before = snapshot()
+        assert not torch.isfinite(step_with(bad=True))
+        assert all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+        assert torch.isfinite(step_with(bad=False))
+        assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(), strict=True))
+    finally:
+        dist.cleanup()
 
 
 RUN_POISONED = """
