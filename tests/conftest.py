@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from mlm.config import DataConfig, EvalConfig, ModelConfig, PretrainConfig, RunConfig, SystemConfig, TrainConfig
 from mlm.data.prepare import PrepareConfig, prepare
@@ -72,3 +75,20 @@ def tiny_config(data_dir: Path, out_dir: Path, family: str = "roberta", steps: i
         run=RunConfig(out_dir=str(out_dir), log_every=1, checkpoint_every=10, progress=False),
         eval=EvalConfig(every=10, sequences=32),
     )
+
+
+@contextlib.contextmanager
+def poison_steps(steps: set[int], accum: int):
+    """The training forward passes of the given (1-based) steps give NaN, from the embeddings on: a real fault
+    in the real loop, engine and optimizer. `accum` forward passes make one step."""
+    calls = itertools.count()
+
+    def hook(module, args, output):
+        if type(module).__name__.endswith("Embeddings") and module.training and next(calls) // accum + 1 in steps:
+            return output * float("nan")
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -14,7 +14,6 @@ import gzip
 import hashlib
 import importlib.util
 import io
-import itertools
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from mlm.eval.tasks import GLUE_TASKS
 from mlm.train.metrics import read_metrics
 from mlm.train.pretrain import pretrain
 
-from conftest import make_documents, tiny_config
+from conftest import make_documents, poison_steps, tiny_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -594,23 +593,6 @@ def test_random_glue_settings_are_accepted_whole_or_refused_in_one_line(items):
 
 # ---- bad steps: one with a NaN or infinite gradient is skipped, a run of them stops training ---------------
 
-@contextlib.contextmanager
-def poison_steps(steps: set[int], accum: int):
-    """The training forward passes of the given (1-based) steps give NaN, from the embeddings on: a real fault
-    in the real loop, engine and optimizer. `accum` forward passes make one step."""
-    calls = itertools.count()
-
-    def hook(module, args, output):
-        if type(module).__name__.endswith("Embeddings") and module.training and next(calls) // accum + 1 in steps:
-            return output * float("nan")
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def bad_step_config(data_dir: Path, run: Path, steps: int) -> PretrainConfig:
     """A checkpoint after every step (all kept), no evaluation; 2 forward passes per step."""
     cfg = tiny_config(data_dir, run, steps=steps)
@@ -715,7 +697,7 @@ def test_a_torch_engine_step_with_a_non_finite_gradient_changes_nothing(strategy
 RUN_POISONED = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_faults import poison_steps
+from conftest import poison_steps
 from mlm.cli import main
 with poison_steps({steps!r}, accum={accum}):
     main(sys.argv[1:])

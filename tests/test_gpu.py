@@ -9,7 +9,7 @@ from transformers import AutoModelForMaskedLM
 from mlm.train.metrics import read_metrics
 from mlm.train.pretrain import pretrain
 
-from conftest import tiny_config
+from conftest import poison_steps, tiny_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -104,3 +104,24 @@ def test_compiled_cross_entropy_writes_no_fp32_logits():
     torch._dynamo.reset()
     assert eager > 3 * bf16_logits  # bf16 logits + their fp32 copy + fp32 log-probabilities
     assert compiled < 2.8 * bf16_logits, f"{compiled / bf16_logits:.2f}× a bf16 logits tensor"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
+def test_a_nan_step_is_skipped_on_gpu(strategy, data_dirs, tmp_path):
+    """bf16 on the GPU, each engine: step 5 gives NaN and is skipped (fused AdamW's found_inf on the device,
+    or DeepSpeed's overflow check), so checkpoint-5 holds checkpoint-4's weights; training goes on."""
+    from safetensors.torch import load_file
+
+    if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed")
+    run = tmp_path / "run"
+    cfg = tiny_config(data_dirs["roberta"], run, steps=8)
+    cfg.system.device, cfg.system.compile, cfg.system.precision, cfg.system.strategy = "cuda", "off", "bf16", strategy
+    cfg.run.checkpoint_every, cfg.eval.every = 1, 0
+    if strategy == "deepspeed":
+        cfg.system.deepspeed_config = "configs/deepspeed/zero2.json"
+    with poison_steps({5}, accum=2):
+        pretrain(cfg, log=lambda _: None)
+    four, five = (load_file(str(run / f"checkpoint-{n}" / "model.safetensors")) for n in (4, 5))
+    assert all(torch.equal(four[k], five[k]) for k in four)
+    assert [m["step"] for m in read_metrics(run) if "bad_steps" in m] == [5]
