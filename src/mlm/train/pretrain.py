@@ -578,7 +578,7 @@ def fit(s: Setup, log=print) -> dict:
                     if bad_steps:
                         figures["bad_steps"] = bad_steps
                         say(f"warning: {bad_steps} of the steps up to step {done} had a NaN or infinite loss or "
-                            "gradient norm and were skipped (their updates and losses left out)")
+                            "gradient norm: left out of the logged loss, their update skipped if the gradient was")
                     norm = grad_norm.item()
                     logger.log(done, **figures, lr=lr, **({"grad_norm": norm} if math.isfinite(norm) else {}),
                                tokens_per_s=tokens_per_s, **_peak_memory(s.device))
