@@ -640,6 +640,26 @@ def test_more_bad_steps_in_a_row_than_tolerated_stop_the_run(data_dirs, tmp_path
     assert not list(run.glob(".checkpoint-*"))
 
 
+def test_a_checkpoint_carries_its_bad_steps_into_the_resumed_run(data_dirs, tmp_path):
+    """Step 3 is bad and checkpointed (logs every 4 steps): resumed from checkpoint-3, the run logs what the
+    unbroken run logs after it. With train.max_bad_steps=1 and step 4 bad too, the resumed run counts two in a
+    row and stops at step 4, as the unbroken run does."""
+    cfg = bad_step_config(data_dirs["roberta"], tmp_path / "run", steps=6)
+    cfg.run.log_every = 4
+    with poison_steps({3}, accum=2):
+        pretrain(cfg, log=lambda _: None)
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    resumed = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "resumed")))
+    pretrain(resumed, resume=str(checkpoint), log=lambda _: None)
+    unbroken = [m for m in without_timing(read_metrics(tmp_path / "run")) if m["step"] > 3]
+    assert without_timing(read_metrics(tmp_path / "resumed")) == unbroken and unbroken[0]["bad_steps"] == 1
+
+    strict = dataclasses.replace(resumed, train=dataclasses.replace(cfg.train, max_bad_steps=1),
+                                 run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "strict")))
+    with poison_steps({1}, accum=2), pytest.raises(UserError, match=r"2 steps in a row .* by step 4 "):
+        pretrain(strict, resume=str(checkpoint), log=lambda _: None)
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_a_torch_engine_step_with_a_non_finite_gradient_changes_nothing(strategy, fused):

@@ -314,6 +314,8 @@ class PretrainConfig:
     def recipe(self) -> dict:
         """The settings that decide the result; a resumed run must match these exactly."""
         d = dataclasses.asdict(self)
+        # Whether a run stops on bad steps, never what it computes: a stopped run may resume with another limit.
+        del d["train"]["max_bad_steps"]
         return {k: d[k] for k in ("model", "data", "train")}
 
 
