@@ -76,5 +76,5 @@ def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path):
 
 
 def test_bad_minutes_are_one_line(tmp_path):
-    with pytest.raises(UserError, match="--minutes must be positive"):
+    with pytest.raises(UserError, match="--minutes must be a positive number"):
         run_demo(tmp_path / "demo", minutes=0, log=lambda _: None)

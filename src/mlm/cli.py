@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import typing
 
 from mlm.config import settings_help
 from mlm.errors import UserError
@@ -256,8 +257,15 @@ def _run_glue(args: argparse.Namespace) -> None:
 # ---- end glue --------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying a usage mistake the way every other error is said: one line, exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        _fail(f"{message} (see {self.prog} --help)", 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(  # the subcommands' parsers are of the same class
         prog="mlm",
         description="Pretrain BERT- and RoBERTa-family masked language models from scratch and score them on GLUE.",
     )

@@ -229,9 +229,7 @@ def fill_mask(model_dir: Path, examples: list[tuple[str, str]]) -> list[dict]:
     """Top-5 predictions of `transformers.pipeline("fill-mask")` and the rank of the right answer among
     all tokens (1 = the model's first choice)."""
     from transformers import pipeline
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     fill = pipeline("fill-mask", model=str(model_dir), device="cpu")
     rows = []
     for sentence, answer in examples:
@@ -410,11 +408,14 @@ def _cpu_name() -> str:
 def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps: int | None = None, log=print) -> dict:
     """Run the whole demo into `out` within `minutes` (default DEFAULT_MINUTES); `steps` fixes the pretraining
     steps instead of fitting them to the time left (for tests). Returns the figures written to the report."""
+    from transformers.utils import logging as hf_logging
+
     minutes = DEFAULT_MINUTES if minutes is None else minutes
-    if not minutes > 0:
-        raise UserError(f"--minutes must be positive, got {minutes}")
+    if not (math.isfinite(minutes) and minutes > 0):
+        raise UserError(f"--minutes must be a positive number, got {minutes}")
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be positive, got {steps}")
+    hf_logging.disable_progress_bar()  # transformers' save and load bars: stderr is for the one error line
     out = Path(out)
     _prepare_out_dir(out)
     began = time.time()
