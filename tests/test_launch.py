@@ -54,3 +54,17 @@ def test_the_command_splits_torchrun_options_from_mlm_arguments():
         split_arguments(["--nproc_per_node=2", "configs/tiny.toml"])
     with pytest.raises(UserError, match=r"mlm launch runs mlm itself: drop '-m mlm'"):
         split_arguments(["--nproc_per_node=2", "-m", "mlm", "pretrain", "configs/tiny.toml"])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--nproc-per-node", "0"], "mlm launch: --nproc-per-node must be a positive number of processes (or auto, gpu, cpu), got '0'"),
+    (["--nproc-per-node", "abc"], "got 'abc'"),
+    (["--nnodes", "3:1"], "mlm launch: min_nodes must be > 0 and <= max_nodes, got min_nodes=3, max_nodes=1 (see mlm launch --help)"),
+    (["--bogus"], "mlm launch: unrecognized arguments: --bogus (see mlm launch --help)"),
+])
+def test_bad_launcher_options_are_one_line_before_any_rank_starts(options, message):
+    from mlm.launch import launch
+
+    with pytest.raises(UserError) as e:
+        launch([*options, "pretrain", "--train.steps=1"])
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import sys
+import typing
 
 from mlm.dist import LAUNCHED_BY_MLM, LOST_PEER_EXIT
-from mlm.errors import UserError
+from mlm.errors import UserError, first_line
 
 COMMANDS = ("pretrain",)
 """The mlm commands that run on several ranks."""
@@ -61,6 +62,20 @@ def failure_report(failures: dict) -> tuple[str | None, int]:
     return f"error: rank {rank} failed (exit code {code}); MLM_DEBUG=1 shows its traceback", code
 
 
+def check_launcher_options(args) -> None:
+    """Refuse what torchrun would refuse only with a traceback (an AssertionError for 0 processes)."""
+    from torch.distributed.run import config_from_args
+
+    count = str(args.nproc_per_node)
+    if count not in ("auto", "cpu", "gpu", "xpu") and not (count.isdigit() and int(count) >= 1):
+        raise UserError(f"mlm launch: --nproc-per-node must be a positive number of processes (or auto, gpu, cpu), "
+                        f"got {count!r}")
+    try:
+        config_from_args(args)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise UserError(f"mlm launch: {first_line(e)} (see mlm launch --help)") from None
+
+
 def launch(argv: list[str]) -> int:
     """Run torchrun with `-m mlm COMMAND …`; returns the exit code, having printed at most one error line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -73,7 +88,13 @@ def launch(argv: list[str]) -> int:
         parser.print_help()
         return 0
     launcher, command = split_arguments(argv)
+
+    def usage_error(message: str) -> typing.NoReturn:  # torchrun's argparse would print its usage block too
+        raise UserError(f"mlm launch: {message} (see mlm launch --help)")
+
+    parser.error = usage_error
     args = parser.parse_args([*launcher, "--module", "mlm", *command])
+    check_launcher_options(args)
     # The agent logs each failure and each rank it stops; the ranks say what matters themselves.
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
