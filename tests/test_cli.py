@@ -51,10 +51,13 @@ def test_end_to_end_through_the_cli(tmp_path, corpus_file):
         (["pretrain", "--data.data_dir=nowhere"], "nowhere"),
         (["pretrain", "--resume=nowhere"], "holds no checkpoint"),
         (["pretrain", "--train.budget=fast"], "train.budget: cannot read 'fast'"),
+        (["pretrain", "--run.out_dir="], "run.out_dir is empty: name the run's folder"),
         (["demo", "--minutes", "0"], "--minutes must be a positive number, got 0.0"),
         (["demo", "--minutes", "inf"], "--minutes must be a positive number, got inf"),
         (["tokenizer", "--vocab-size", "1.5", "--out", "t"], "argument --vocab-size: invalid int value: '1.5' (see mlm tokenizer --help)"),
         ([], "the following arguments are required: command (see mlm --help)"),
+        (["prepare", "--corpus", "c.txt", "--tokenizer", "t", "--out", "d", "--unit-mb", "nan"],
+         "--unit-mb must be a number of MiB (0: automatic), got nan"),
         (["demo", "--steps", "0"], "--steps must be positive"),
         (["tokenizer", "--corpus", "demo", "--min-frequency", "-1", "--out", "t"], "--min-frequency must be >= 0, got -1"),
         (["tokenizer", "--corpus", "demo", "--model-max-length", "0", "--out", "t"],
@@ -83,6 +86,14 @@ def test_booleans_have_one_spelling_across_commands():
     ("--train.seed=-1", "train.seed must be >= 0, got -1"),
     ("--system.threads=-1", "system.threads must be >= 0"),
     ('--eval.glue_args="--seeds \\"1"', "eval.glue_args cannot be parsed as command-line flags"),
+    ("--train.lr=1e300", "train.lr must be at most 3.4e+38 (a float32), got 1e+300"),
+    ("--train.eps=0", "train.eps must be positive, got 0.0"),
+    ("--train.grad_clip=-1", "train.grad_clip must be >= 0, got -1.0"),
+    ('--train.budget="1e30 tokens"', "train.budget: '1e30 tokens' is more than 1e+16 tokens, beyond any real run"),
+    ("--system.threads=100000", "system.threads must be at most 1024, got 100000"),
+    ("--eval.sequences=0", "eval.sequences must be positive, got 0"),
+    ("--eval.glue_tasks=foo", "eval.glue_tasks: unknown GLUE task 'foo'"),
+    ("--data.data_dir=", "data.data_dir is empty: name the folder `mlm prepare` wrote"),
 ])
 def test_config_values_torch_would_reject_later_are_refused_first(override, message, tmp_path):
     r = mlm("pretrain", override, f"--run.out_dir={tmp_path / 'run'}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import sys
 import time
@@ -15,6 +16,12 @@ from mlm.errors import UserError
 
 
 # ---- tokenizer, prepare, pretrain, demo ------------------------------------------------------
+def _unit_bytes(megabytes: float) -> int:
+    if not math.isfinite(megabytes) or megabytes > 2**20:  # a work unit over a TiB is a typo
+        raise UserError(f"--unit-mb must be a number of MiB (0: automatic), got {megabytes}")
+    return int(megabytes * 2**20)
+
+
 def _add_tokenizer(subparsers) -> None:
     p = subparsers.add_parser(
         "tokenizer", help="train a tokenizer on a corpus, or copy an existing one",
@@ -99,7 +106,7 @@ def _run_prepare(args: argparse.Namespace) -> None:
         hf_split=args.hf_split,
         overwrite=args.overwrite,
         document_per_file=args.document_per_file,
-        unit_bytes=int(args.unit_mb * 2**20),
+        unit_bytes=_unit_bytes(args.unit_mb),
         num_shards=args.num_shards,
         shard_index=args.shard_index,
         max_documents=args.max_documents,

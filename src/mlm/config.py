@@ -82,6 +82,8 @@ class DataConfig:
     """Bernoulli(mask_rate) per token instead of a fixed count per sequence."""
 
     def __post_init__(self) -> None:
+        if not self.data_dir.strip():
+            raise UserError("data.data_dir is empty: name the folder `mlm prepare` wrote")
         if self.seq_len < 8:
             raise UserError(f"data.seq_len must be at least 8, got {self.seq_len}")
         if not 0.0 < self.mask_rate < 1.0:
@@ -127,8 +129,11 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "eps", "weight_decay", "grad_clip"):  # nan compares false to everything: say so
-            if not math.isfinite(getattr(self, name)):
-                raise UserError(f"train.{name} must be a finite number, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise UserError(f"train.{name} must be a finite number, got {value}")
+            if abs(value) > FLOAT32_MAX:  # torch keeps these in float32
+                raise UserError(f"train.{name} must be at most {FLOAT32_MAX:.3g} (a float32), got {value:g}")
         if self.lr <= 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
         if self.max_bad_steps < 0:
@@ -141,8 +146,11 @@ class TrainConfig:
             raise UserError(f"train.warmup_steps must be in [0, train.steps], got {self.warmup_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise UserError(f"train.betas must be two numbers in [0, 1), got {self.betas}")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.eps <= 0:
-            raise UserError("train.weight_decay and train.grad_clip must be >= 0, train.eps > 0")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise UserError(f"train.eps must be positive, got {self.eps}")
 
 
 def is_device_name(name: str) -> bool:
@@ -151,6 +159,9 @@ def is_device_name(name: str) -> bool:
 
 
 BUDGET_UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600}
+MAX_BUDGET = {"seconds": 10 * 365 * 86400, "tokens": 1e16}
+"""Beyond any real run (ten years, 10^16 tokens): a larger budget is a typo, and would overflow the step count."""
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def parse_budget(text: str) -> tuple[float | None, float | None]:
@@ -166,9 +177,14 @@ def parse_budget(text: str) -> tuple[float | None, float | None]:
     if not math.isfinite(amount) or amount <= 0:
         raise UserError(f'train.budget: cannot read {text!r}: write a time ("90s", "8min", "2h") or tokens ("5e9 tokens")')
     unit = match.group(2)
-    if unit.startswith("token"):
-        return None, amount
-    return amount * BUDGET_UNITS[unit], None
+    seconds, tokens = (None, amount) if unit.startswith("token") else (amount * BUDGET_UNITS[unit], None)
+    for kind, value in (("seconds", seconds), ("tokens", tokens)):
+        if value is not None and value > MAX_BUDGET[kind]:
+            raise UserError(f"train.budget: {text!r} is more than {MAX_BUDGET[kind]:.3g} {kind}, beyond any real run")
+    return seconds, tokens
+
+
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -232,6 +248,8 @@ class SystemConfig:
             raise UserError(f"system.sdpa_backend: unknown backend {self.sdpa_backend!r} (choose {', '.join(SDPA_BACKENDS)})")
         if self.threads < 0:
             raise UserError(f"system.threads must be >= 0 (0 keeps PyTorch's default), got {self.threads}")
+        if self.threads > MAX_THREADS:  # thousands of threads exhaust the memory map and crash the process
+            raise UserError(f"system.threads must be at most {MAX_THREADS}, got {self.threads}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"system.precision: unknown value {self.precision!r} (choose auto, bf16, fp32)")
         if self.compile not in ("auto", "on", "off"):
@@ -259,6 +277,8 @@ class RunConfig:
     """Weights & Biases project name."""
 
     def __post_init__(self) -> None:
+        if not self.out_dir.strip():
+            raise UserError("run.out_dir is empty: name the run's folder, e.g. --run.out_dir=runs/my-run")
         for name in ("log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"run.{name} must be positive, got {getattr(self, name)}")
@@ -286,8 +306,17 @@ class EvalConfig:
     cuda or cuda:N (e.g. a GPU that training leaves free)."""
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.sequences < 1 or self.glue_every < 0:
-            raise UserError("eval.every and eval.glue_every must be >= 0, eval.sequences positive")
+        from mlm.eval.tasks import parse_tasks
+
+        for name in ("every", "glue_every"):
+            if getattr(self, name) < 0:
+                raise UserError(f"eval.{name} must be >= 0 (0 disables), got {getattr(self, name)}")
+        if self.sequences < 1:
+            raise UserError(f"eval.sequences must be positive, got {self.sequences}")
+        try:  # checked now, not in a GLUE job's log after the first checkpoint
+            parse_tasks(self.glue_tasks)
+        except UserError as e:
+            raise UserError(f"eval.glue_tasks: {e}") from None
         if not is_device_name(self.glue_device):
             raise UserError(f"eval.glue_device: unknown device {self.glue_device!r} (auto, cpu, cuda or cuda:N)")
         try:  # checked now, not at the first checkpoint hours later
