@@ -221,3 +221,48 @@ def test_glue_from_an_unreachable_hub_is_one_line_at_once(monkeypatch):
                                         r"for offline use pass --glue-dir"):
         read_hub(GLUE_TASKS["rte"], ["train"])
     assert time.time() - start < 10
+
+
+@pytest.mark.parametrize("score", ["nan", "inf", "-inf", "NaN"])
+def test_a_regression_score_that_is_not_finite_is_refused(tmp_path, score):
+    """float() takes 'nan' and 'inf': one such score made STS-B's Pearson NaN, in a result marked complete."""
+    header = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"]
+    rows = [["0", "g", "f", "y", "0", "s", "s", "a b", "c d", "3.8"], ["1", "g", "f", "y", "1", "s", "s", "e f", "g h", score]]
+    write_tsv(tmp_path / "STS-B" / "train.tsv", rows, header)
+    with pytest.raises(UserError) as e:
+        read_glue_tsv(GLUE_TASKS["stsb"], tmp_path, "train")
+    assert str(e.value) == (f"{tmp_path / 'STS-B' / 'train.tsv'}:3: label {score!r} is not a finite number "
+                            "(task stsb is a regression): fix or remove the row")
+    # the same in a file of your own (JSON writes NaN too)
+    (tmp_path / "mine.jsonl").write_text('{"text": "a", "label": 1.5}\n{"text": "b", "label": NaN}\n')
+    with pytest.raises(UserError, match=r"mine\.jsonl:2: label nan is not a finite number \(task mine is a regression\)"):
+        read_table_file(custom_task("mine", ["text"], 1, metrics=["pearson"]), tmp_path / "mine.jsonl")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    # a GLUE task's name, in any case or spelling: its results would fill GLUE's column beside the reference's
+    ("name", '"rte"', "name 'rte' is a GLUE task's name: choose another name for a task of your own"),
+    ("name", '"MNLI"', "name 'MNLI' is a GLUE task's name: choose another name for a task of your own"),
+    ("name", '"sts-b"', "name 'sts-b' is a GLUE task's name: choose another name for a task of your own"),
+    # the name is a file name (OUT/<name>.json): no way out of the results folder
+    *[("name", f'"{bad}"', f"name '{bad}' is not a plain file name (it names the results file NAME.json): use "
+       "letters, digits, '-', '_' and '.', not starting with '.'") for bad in ("../../evil", "a/b", ".hidden", "a b", "..")],
+    ("metrics", "[]", "task t: metrics is empty: list one or more of accuracy, f1, macro_f1, mcc, pearson, spearman"),
+    ("label_names", '["yes", "no", "yes"]', "task t: label_names lists 'yes' twice: each class needs its own name"),
+])
+def test_task_file_names_metrics_and_label_names_are_checked(tmp_path, field, value, message):
+    fields = {"name": '"t"', "text_fields": '["text"]', "train": '"a.csv"', "validation": '"b.csv"'}
+    fields[field] = value
+    if field != "label_names":
+        fields["num_labels"] = "2"
+    (tmp_path / "t.toml").write_text("".join(f"{k} = {v}\n" for k, v in fields.items()))
+    with pytest.raises(UserError) as e:
+        task_from_file(tmp_path / "t.toml")
+    assert str(e.value) == f"{tmp_path / 't.toml'}: {message}"
+
+
+def test_a_plain_task_name_with_dots_digits_and_dashes_is_fine(tmp_path):
+    assert custom_task("my-topics_v2.1", ["text"], 2).name == "my-topics_v2.1"
+    assert custom_task("rte2", ["text"], 2).name == "rte2"  # near a GLUE name is fine
+    with pytest.raises(UserError, match="is a GLUE task's name"):
+        custom_task("CoLA", ["text"], 2)  # the same check for tasks built in Python

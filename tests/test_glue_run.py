@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from glue_fixtures import make_checkpoint, write_glue_dir
+from glue_fixtures import make_checkpoint, write_glue_dir, write_tsv
 
 from mlm.cli import main
 from mlm.eval.finetune import FinetuneConfig
@@ -119,13 +119,25 @@ def test_settings_precedence():
     (["--model", "x", "--device", "bogus"], "device: unknown device 'bogus' (use auto, cpu, cuda or cuda:N)"),
     pytest.param(["--model", "x", "--device", "cuda"], "device cuda but no CUDA GPU is available (use cpu)",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
+    # a setting for a task that is not run would be ignored
+    (["--model", "x", "--tasks", "rte", "--set", "xyz.epochs=1"],
+     "--set xyz.epochs=1: task 'xyz' is not among the tasks run (rte): correct the name or add the task to --tasks"),
+    (["--model", "x", "--tasks", "rte,mrpc", "--set", "lr=1e-4", "--set", "sst2.lr=1e-3"],
+     "--set sst2.lr=1e-3: task 'sst2' is not among the tasks run (rte, mrpc)"),
+    # an empty --steps (an unset shell variable?) is not "every step"
+    (["--run", "/nonexistent/run", "--steps", ""],
+     "--steps is empty: give comma-separated steps (e.g. 1000,2000), or leave it out for all"),
+    (["--run", "/nonexistent/run", "--steps", " , "], "--steps is empty"),
+    (["--model", "x", "--steps", ""], "--steps and --gather-only go with --run"),
 ])
-def test_cli_errors_are_one_clear_line(capsys, argv, message):
+def test_cli_errors_are_one_clear_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)  # where ./glue_results would go
     with pytest.raises(SystemExit) as exit_info:
         main(["glue", *argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing left behind (an empty glue_results/<name>/ was)
 
 
 def test_cli_missing_glue_file_and_missing_step(workspace, tmp_path, capsys):
@@ -233,3 +245,133 @@ def test_the_protocol_is_named_and_the_median_seed_reports_all_its_metrics(works
     assert rte["recipe"]["warmup_ratio"] == 0 and rte["recipe"]["weight_decay"] == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert rows[0]["Protocol"] == "reference"
+
+
+def _break_rte_train(glue, how):
+    """Spoil RTE's train.tsv in one of the ways a download or an edit goes wrong."""
+    path = glue / "RTE" / "train.tsv"
+    header = ["index", "sentence1", "sentence2", "label"]
+    if how == "missing column":
+        write_tsv(path, [["0", "a b", "entailment"]], ["index", "sentence1", "label"])
+    elif how == "empty":
+        path.write_text("")
+    elif how == "header only":
+        write_tsv(path, [], header)
+    elif how == "bad label":
+        write_tsv(path, [["0", "a b", "c d", "maybe"]], header)
+    return path
+
+
+BROKEN = {
+    "missing column": "header lacks column(s) ['sentence2']",
+    "empty": "is empty (expected a header line)",
+    "header only": "holds no examples",
+    "bad label": "train.tsv:2: label 'maybe' is not a class id 0..1 or one of entailment, not_entailment",
+    "no glue dir": "GLUE directory nonexistent does not exist",
+    "no model": "missing checkpoint directory ./nonexistent/ckpt",
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN))
+def test_a_failed_evaluation_leaves_no_empty_results_folder(workspace, tmp_path, monkeypatch, capsys, how):
+    """The results folder this call made is gone again when nothing could be written into it; a folder that
+    was there before stays."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(workspace / "run" / "checkpoint-100", tmp_path / "ckpt")  # not in a run: ./glue_results/ckpt
+    glue = write_glue_dir(tmp_path / "GLUE", n_train=8, n_dev=4)
+    if how not in ("no glue dir", "no model"):
+        _break_rte_train(glue, how)
+    args = ["glue", "--model", "./nonexistent/ckpt" if how == "no model" else "ckpt",
+            "--glue-dir", "nonexistent" if how == "no glue dir" else "GLUE", "--tasks", "rte", *QUICK]
+    before = sorted(tmp_path.rglob("*"))
+    for out in ([], ["--out", "made/by/this/call"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, *out])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and BROKEN[how] in err and err.count("\n") == 1
+        assert sorted(tmp_path.rglob("*")) == before  # no glue_results/ckpt/, no made/by/this/call/
+
+    (tmp_path / "mine").mkdir()  # a results folder that was there before: kept, even empty
+    with pytest.raises(SystemExit):
+        main([*args, "--out", "mine"])
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
+
+
+def test_a_results_folder_with_results_in_it_is_kept_when_a_later_task_fails(workspace, tmp_path, capsys):
+    glue = write_glue_dir(tmp_path / "GLUE", n_train=8, n_dev=4)
+    write_tsv(glue / "SST-2" / "train.tsv", [], ["sentence", "label"])  # header only
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--glue-dir", str(glue),
+              "--tasks", "rte,sst2", "--out", str(out), "--seeds", "1", "--epochs", "1", "--lr", "1e-3", "--no-progress"])
+    assert "SST-2/train.tsv holds no examples" in capsys.readouterr().err
+    assert json.loads((out / "rte.json").read_text())["complete"]  # RTE's results stay, to be reused
+
+
+def test_a_failed_run_evaluation_leaves_no_empty_glue_folder(workspace, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(workspace / "run" / "checkpoint-100", run / "checkpoint-100")
+    with pytest.raises(SystemExit):
+        main(["glue", "--run", str(run), "--glue-dir", str(tmp_path / "nonexistent"), "--tasks", "rte", *QUICK])
+    assert f"GLUE directory {tmp_path / 'nonexistent'} does not exist" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-100"]  # no run/glue/checkpoint-100/
+
+
+def test_a_pretraining_run_folder_as_model_points_to_run(workspace, tmp_path, monkeypatch, capsys):
+    """A run folder holds the pretraining recipe as config.json beside its checkpoints, but no model."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(workspace / "run" / "checkpoint-100", run / "checkpoint-100")
+    shutil.copytree(workspace / "run" / "checkpoint-100", run / "checkpoint-200")
+    (run / "config.json").write_text(json.dumps({"model": {"family": "bert", "size": "tiny"}, "train": {"steps": 200}}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["glue", "--model", "run", "--glue-dir", str(workspace / "GLUE"), "--tasks", "rte", *QUICK])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: --model run is a pretraining run folder, not a checkpoint: use --run run "
+                                       "to score its checkpoints, or --model run/checkpoint-200 for the newest one\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no glue_results/run/
+
+
+def test_a_task_file_cannot_write_outside_the_results_folder(workspace, tmp_path, capsys):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "train.csv").write_text("text,label\nhello,0\nbye,1\n")
+    task = tmp_path / "a" / "b" / "task.toml"
+    task.write_text('name = "../../evil"\ntext_fields = ["text"]\nnum_labels = 2\ntrain = "train.csv"\n'
+                    'validation = "train.csv"\n')
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--task-file", str(task),
+              "--out", str(tmp_path / "a" / "b" / "out"), *QUICK])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {task}: name '../../evil' is not a plain file name (it names the results "
+                                       "file NAME.json): use letters, digits, '-', '_' and '.', not starting with '.'\n")
+    assert sorted(tmp_path.rglob("*")) == before  # no evil.json above the results folder, no results folder
+
+
+def test_two_task_files_of_one_name_are_refused(workspace, tmp_path, capsys):
+    for sub in ("one", "two"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "task.toml").write_text('name = "topics"\ntext_fields = ["text"]\nnum_labels = 2\n'
+                                                  'train = "a.csv"\nvalidation = "b.csv"\n')
+    with pytest.raises(SystemExit):
+        main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--task-file", str(tmp_path / "one" / "task.toml"),
+              "--task-file", str(tmp_path / "two" / "task.toml"), "--out", str(tmp_path / "out"), *QUICK])
+    assert capsys.readouterr().err == "error: two task files are named 'topics': give each task its own name\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_score_in_stsb_is_refused_end_to_end(workspace, tmp_path, capsys):
+    """It gave "pearson": NaN in a result marked complete."""
+    glue = write_glue_dir(tmp_path / "GLUE", n_train=8, n_dev=4)
+    path = glue / "STS-B" / "train.tsv"
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].rsplit("\t", 1)[0] + "\tnan"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["glue", "--model", str(workspace / "run" / "checkpoint-100"), "--glue-dir", str(glue), "--tasks", "stsb",
+              "--out", str(tmp_path / "out"), *QUICK])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {path}:4: label 'nan' is not a finite number (task stsb is a "
+                                       "regression): fix or remove the row\n")
+    assert not (tmp_path / "out").exists()

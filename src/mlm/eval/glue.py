@@ -19,6 +19,7 @@ import json
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlm.errors import UserError
@@ -45,6 +46,24 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+@contextmanager
+def results_folder(out_dir: Path):
+    """Make the results folder (and missing parents) for the block inside; if the block fails, remove again
+    those this call made and that are still empty, so a mistake (a bad file, a wrong path) leaves nothing
+    behind. A folder that was there before is never removed, nor one holding anything."""
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # deepest first
+    try:
+        check_writable(out_dir)
+        yield
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()  # only ever removes an empty folder
+            except OSError:
+                break  # not empty (results of tasks that succeeded) or gone: keep it and those above
+        raise
 
 
 def check_writable(out_dir: Path) -> None:
@@ -85,6 +104,16 @@ def default_out_dir(model_path: str) -> Path:
     return Path("glue_results") / re.sub(r"[^A-Za-z0-9._-]+", "_", describe_model(model_path)[0])
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+"""The files of a Hugging Face checkpoint's weights (one file, or an index of shards)."""
+
+
+def has_model_files(folder: Path) -> bool:
+    """Whether a folder holds a Hugging Face model itself: its config.json and weights."""
+    return (folder / "config.json").is_file() and any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """[(step, folder)] of a run's checkpoint-<step> folders, by step."""
     run_dir = Path(run_dir)
@@ -99,17 +128,22 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def parse_steps(spec: str | None) -> list[int] | None:
-    """'1000,2000' -> [1000, 2000]; None -> None (all)."""
-    if spec is None or not spec.strip():
+    """'1000,2000' -> [1000, 2000]; None (no --steps) -> None (all). An empty --steps is refused: it is more
+    likely an unset shell variable than a wish for every step."""
+    if spec is None:
         return None
     try:
-        return sorted({int(s) for s in spec.split(",") if s.strip()})
+        steps = sorted({int(s) for s in spec.split(",") if s.strip()})
     except ValueError:
         raise UserError(f"--steps wants comma-separated integers, got {spec!r}") from None
+    if not steps:
+        raise UserError("--steps is empty: give comma-separated steps (e.g. 1000,2000), or leave it out for all")
+    return steps
 
 
-def parse_overrides(items: list[str]) -> dict[str, dict[str, object]]:
-    """["lr=3e-5", "rte.epochs=10"] -> {"*": {"lr": 3e-5}, "rte": {"epochs": 10}} (values typed by FinetuneConfig)."""
+def parse_overrides(items: list[str], tasks: list[str] | None = None) -> dict[str, dict[str, object]]:
+    """["lr=3e-5", "rte.epochs=10"] -> {"*": {"lr": 3e-5}, "rte": {"epochs": 10}} (values typed by FinetuneConfig).
+    With `tasks` (the names of the tasks run), a setting for another task is refused: it would be ignored."""
     types = {f.name: f.type for f in dataclasses.fields(FinetuneConfig)}
     out: dict[str, dict[str, object]] = {}
     for item in items:
@@ -117,6 +151,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, object]]:
         task, _, name = key.strip().rpartition(".")
         if not sep or name not in types:
             raise UserError(f"bad override {item!r}: want [TASK.]FIELD=VALUE with FIELD one of {', '.join(types)}")
+        if tasks is not None and task and task not in tasks:
+            raise UserError(f"--set {item}: task {task!r} is not among the tasks run ({', '.join(tasks)}): "
+                            "correct the name or add the task to --tasks")
         out.setdefault(task or "*", {})[name] = _coerce(name, str(types[name]), value.strip())
     return out
 
@@ -292,12 +329,12 @@ def evaluate_model(
     model_name, step = describe_model(model_path)
     name = name or model_name
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
-    check_writable(out_dir)
     base = base or FinetuneConfig()
     overrides = overrides or {}
-    for task in tasks:
-        cfg = task_config(task, base, overrides)
-        evaluate_task(model_path, task, cfg, seeds, out_dir, glue_dir, name, step, cache, force, progress)
+    with results_folder(out_dir):
+        for task in tasks:
+            cfg = task_config(task, base, overrides)
+            evaluate_task(model_path, task, cfg, seeds, out_dir, glue_dir, name, step, cache, force, progress)
     # The table shows every task scored in this folder, including those of earlier calls.
     row = add_average([table_row(gather_task_results(out_dir), name, step)])[0]
     write_tables([row], out_dir)
@@ -433,11 +470,11 @@ def evaluate_run(
     if not gather_only:
         if not checkpoints:
             raise UserError(f"no checkpoint-<step> folders in {run_dir}")
-        check_writable(out)
         cache: dict = {}  # tokenized tasks, shared by all checkpoints of the run
-        for step, path in checkpoints:
-            print(f"== {name} checkpoint-{step}")
-            evaluate_model(str(path), tasks, out / f"checkpoint-{step}", name=name, cache=cache, **kwargs)
+        with results_folder(out):
+            for step, path in checkpoints:
+                print(f"== {name} checkpoint-{step}")
+                evaluate_model(str(path), tasks, out / f"checkpoint-{step}", name=name, cache=cache, **kwargs)
 
     # Gather every checkpoint's results for the tasks asked, including those of checkpoints since deleted.
     wanted = {t.name for t in tasks}
@@ -487,7 +524,7 @@ def glue_command(
     """`mlm glue`: turn command-line values into tasks and settings, then evaluate a model or a run."""
     if (model is None) == (run is None):
         raise UserError("give exactly one of --model PATH or --run RUN_DIR")
-    if model is not None and (steps or gather_only):
+    if model is not None and (steps is not None or gather_only):
         raise UserError("--steps and --gather-only go with --run")
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol: unknown protocol {protocol!r} (choose {', '.join(PROTOCOLS)})")
@@ -502,7 +539,11 @@ def glue_command(
     # GLUE tasks (all by default, none by default when tasks of your own are given), then your own.
     task_list = parse_tasks(tasks or "all") if tasks or not task_files else []
     task_list += [task_from_file(f) for f in task_files or []]
-    overrides = parse_overrides(settings or [])
+    names = [t.name for t in task_list]
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:  # one results file <name>.json for two tasks: the second would reuse the first's scores
+        raise UserError(f"two task files are named {twice[0]!r}: give each task its own name")
+    overrides = parse_overrides(settings or [], names)
     flags = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "max_length": max_length,
              "max_train_samples": max_train_samples, "max_eval_samples": max_eval_samples,
              "device": device, "dtype": dtype}
@@ -510,14 +551,17 @@ def glue_command(
     for t in task_list:
         task_config(t, base, overrides)  # bad values fail now, not after hours of other tasks
     common = dict(glue_dir=glue_dir, seeds=seed_list, base=base, overrides=overrides, force=force, progress=progress)
-    if model is not None and Path(model).is_dir() and not (Path(model) / "config.json").is_file():
+    if model is not None and Path(model).is_dir() and not has_model_files(Path(model)):
+        # A run folder has checkpoint-<step> folders and a config.json of its own (the pretraining recipe,
+        # not a model's), but no weights.
         found = list_checkpoints(model)
         if found:
             raise UserError(
                 f"--model {model} is a pretraining run folder, not a checkpoint: use --run {model} to score its "
                 f"checkpoints, or --model {found[-1][1]} for the newest one"
             )
-        raise UserError(f"--model {model} is not a Hugging Face checkpoint (no config.json)")
+        if not (Path(model) / "config.json").is_file():
+            raise UserError(f"--model {model} is not a Hugging Face checkpoint (no config.json)")
     if model is not None:
         return [evaluate_model(model, task_list, out, name=name, **common)]
     return evaluate_run(run, task_list, parse_steps(steps), out, gather_only=gather_only, name=name, **common)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +27,14 @@ def parse_label(task: TaskSpec, raw: object, where: str) -> int | float:
     """A label from a file (a class name, an id, or a score) -> int class id or float score."""
     if task.is_regression:
         try:
-            return float(raw)  # type: ignore[arg-type]
+            score = float(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise UserError(f"{where}: label {raw!r} is not a number (task {task.name} is a regression)") from None
+        # float() takes "nan" and "inf": one such score makes the loss and Pearson NaN, with nothing said.
+        if not math.isfinite(score):
+            raise UserError(f"{where}: label {raw!r} is not a finite number (task {task.name} is a regression): "
+                            "fix or remove the row")
+        return score
     if isinstance(raw, str):
         text = raw.strip()
         if text in task.label_names:
@@ -231,16 +237,19 @@ def task_from_file(path: str | Path) -> TaskSpec:
             raise UserError(f"{path}: {key} must be a non-empty string, got {spec[key]!r}")
     if not isinstance(spec.get("hparams", {}), dict):
         raise UserError(f"{path}: hparams must be a table of settings ([hparams] in TOML), got {spec['hparams']!r}")
-    return custom_task(
-        name=str(spec["name"]),
-        text_fields=tuple(spec["text_fields"]),
-        num_labels=int(spec.get("num_labels", len(label_names))),
-        metrics=tuple(spec.get("metrics", ("accuracy",))),
-        label_names=label_names,
-        files={"train": str(path.parent / spec["train"]), "validation": str(path.parent / spec["validation"])},
-        label_field=str(spec.get("label_field", "label")),
-        hparams=dict(spec.get("hparams", {})),
-    )
+    try:
+        return custom_task(
+            name=str(spec["name"]),
+            text_fields=tuple(spec["text_fields"]),
+            num_labels=int(spec.get("num_labels", len(label_names))),
+            metrics=tuple(spec.get("metrics", ("accuracy",))),
+            label_names=label_names,
+            files={"train": str(path.parent / spec["train"]), "validation": str(path.parent / spec["validation"])},
+            label_field=str(spec.get("label_field", "label")),
+            hparams=dict(spec.get("hparams", {})),
+        )
+    except UserError as e:  # the task's own checks (name, metrics, label names): say which file
+        raise UserError(f"{path}: {e}") from None
 
 
 # ---- one entry point --------------------------------------------------------------------------

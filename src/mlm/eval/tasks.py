@@ -11,6 +11,7 @@ Examples are plain dicts: the task's text fields (named as in the hub dataset
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from mlm.errors import UserError
@@ -72,8 +73,14 @@ class TaskSpec:
             raise UserError(f"task {self.name}: num_labels must be >= 1")
         if self.label_names and len(self.label_names) != self.num_labels:
             raise UserError(f"task {self.name}: {len(self.label_names)} label names for {self.num_labels} labels")
+        # A name listed twice would map every label of that name to its first id: a silently wrong task.
+        twice = [n for i, n in enumerate(self.label_names) if n in self.label_names[:i]]
+        if twice:
+            raise UserError(f"task {self.name}: label_names lists {twice[0]!r} twice: each class needs its own name")
+        if not self.metrics:
+            raise UserError(f"task {self.name}: metrics is empty: list one or more of {', '.join(METRICS)}")
         unknown = [m for m in self.metrics if m not in METRICS]
-        if not self.metrics or unknown:
+        if unknown:
             raise UserError(f"task {self.name}: unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
 
 
@@ -217,6 +224,20 @@ def parse_tasks(spec: str) -> list[TaskSpec]:
     return tasks
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+"""A task's name is the file name of its results (OUT/<name>.json): no path separators, no leading dot."""
+
+
+def check_task_name(name: str) -> None:
+    """A task of your own needs a name that is a plain file name and not a GLUE task's (its results would
+    show in GLUE's column, beside the reference's published scores)."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise UserError(f"name {name!r} is not a plain file name (it names the results file NAME.json): use "
+                        "letters, digits, '-', '_' and '.', not starting with '.'")
+    if name.lower() in GLUE_TASKS or name.lower() in _ALIASES:
+        raise UserError(f"name {name!r} is a GLUE task's name: choose another name for a task of your own")
+
+
 def custom_task(
     name: str,
     text_fields: tuple[str, ...] | list[str],
@@ -229,6 +250,7 @@ def custom_task(
 ) -> TaskSpec:
     """A task of your own: e.g. custom_task("bbc", ["text"], 5) for 5-topic classification of dict examples
     {"text": ..., "label": 0..4}. `files` ({"train": ..., "validation": ...}) is only needed to read from disk."""
+    check_task_name(name)
     return TaskSpec(
         name=name, text_fields=tuple(text_fields), num_labels=num_labels, metrics=tuple(metrics),
         label_names=tuple(label_names), files=dict(files or {}), label_field=label_field,
