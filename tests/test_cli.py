@@ -117,3 +117,20 @@ def test_an_unwritable_output_is_one_line_and_mlm_debug_shows_the_traceback(tmp_
     debug = subprocess.run([sys.executable, "-m", "mlm", *args], capture_output=True, text=True, timeout=300,
                            env={**os.environ, "MLM_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfe[train]\n", "is not UTF-8 text (byte b'\\xff' at 0): save it as UTF-8"),
+    (b"[[train]]\nlr = 1\n", ": [[train]] is an array of tables: write [train]"),
+    (b"[train\n", "is not valid TOML"),
+    (None, "is a folder: give a .toml file"),
+])
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path, content, message):
+    path = tmp_path / "recipe.toml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    result = mlm("pretrain", str(path))
+    assert_one_line_error(result, message)
+    assert f"config file {path}" in result.stderr

@@ -453,12 +453,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"config file {path} is a folder: give a .toml file (e.g. configs/roberta-medium.toml)")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
-            values = tomllib.loads(path.read_text())
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at "
+                            f"{e.start}): save it as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        for section, value in values.items():
+            if isinstance(value, list) and all(isinstance(item, dict) for item in value):
+                raise UserError(f"config file {path}: [[{section}]] is an array of tables: write [{section}]")
     for text in overrides or []:
         keys, value = parse_override(text)
         node = values
