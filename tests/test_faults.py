@@ -752,3 +752,15 @@ def test_deepspeed_skips_a_nan_step_with_bf16_and_stops_at_it_without(data_dirs,
                               "infinite loss or gradient norm by step 3 (lr")
         assert "0 tolerated" in result.stderr
         assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_closed_terminal_sighup_checkpoints_like_sigterm(data_dirs, tmp_path):
+    """SIGHUP (the terminal or ssh session closed) stops the run with a checkpoint, like a pre-emption."""
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10)
+
+    def hang_up_at_step_3(line: str) -> None:
+        if line.startswith("step 3/"):
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    summary = pretrain(cfg, log=hang_up_at_step_3)
+    assert summary["stopped_by"] == "SIGHUP" and summary["checkpoint"] == str(tmp_path / "run" / "checkpoint-3")

@@ -182,6 +182,9 @@ def test_out_dir_holding_a_different_run(data_dirs, tmp_path):
     with pytest.raises(UserError, match="pass --resume"):
         pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10), **QUIET)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    (tmp_path / "run" / "config.json").write_text("[]")  # valid JSON, not a run's settings
+    with pytest.raises(UserError, match=r"config.json does not hold a run's settings \(a JSON object\): restore it"):
+        pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=10), resume="auto", **QUIET)
 
 
 def test_batch_arithmetic_must_divide(data_dirs, tmp_path):
@@ -451,6 +454,11 @@ DAMAGE = {
                                       r"model.safetensors does not match its checksum"),
     "a flipped byte in an engine shard": (lambda c: _flip_a_byte(next((c / "engine").glob("*.distcp"))),
                                           r"engine/__0_0.distcp does not match its checksum"),
+    "missing checksums": (lambda c: (c / "checksums.json").unlink(), "checksums.json is missing"),
+    "checksums not an object": (lambda c: (c / "checksums.json").write_text("[]"), r"checksums.json is damaged"),
+    # What folders renamed or swapped by hand look like: the state of step 10 under the name checkpoint-20.
+    "another step's state": (lambda c: shutil.copy(c.parent / "checkpoint-10" / "training_state.pt", c),
+                             "it holds step 10, not 20 as its name says"),
 }
 
 

@@ -319,8 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         _fail(str(e), 2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        _fail("interrupted", 130)
     except OSError as e:  # a full disk, a read-only or forbidden folder: the user's to fix, so one line
         if os.environ.get("MLM_DEBUG"):
             raise

@@ -131,8 +131,9 @@ def broadcast_from_main(obj: object, info: DistInfo) -> object:
     return box[0]
 
 
-# ---- stopping on a signal: SIGTERM / SIGUSR1 (pre-emption, SLURM's --signal) and SIGINT (Ctrl-C) ----
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# ---- stopping on a signal: SIGTERM / SIGUSR1 (pre-emption, SLURM's --signal), SIGINT (Ctrl-C) and SIGHUP
+# (the terminal or ssh session closed) ----
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class StopFlag:

@@ -82,11 +82,10 @@ def _write_checksums(folder: Path) -> None:
 
 
 def _checksum_problem(checkpoint: Path) -> str | None:
-    """The first file whose bytes changed since the checkpoint was written (a disk or copy error), or None.
-    Checkpoints written before checksums existed have none to check."""
-    if not (checkpoint / CHECKSUMS).is_file():
-        return None
+    """The first file whose bytes changed since the checkpoint was written (a disk or copy error), or None."""
     sums = json.loads((checkpoint / CHECKSUMS).read_text())
+    if not isinstance(sums, dict):
+        return f"{CHECKSUMS} is damaged (not a JSON object)"
     for name, expected in sums.items():
         path = checkpoint / name
         if not path.is_file():
@@ -102,14 +101,17 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     from safetensors import safe_open
     from torch.distributed.checkpoint import FileSystemReader
 
-    for name in ("config.json", "model.safetensors", STATE_FILE, f"{ENGINE_DIR}/.metadata"):
+    for name in ("config.json", "model.safetensors", STATE_FILE, f"{ENGINE_DIR}/.metadata", CHECKSUMS):
         if not (checkpoint / name).is_file():
             return f"{name} is missing"
     try:
         json.loads((checkpoint / "config.json").read_text())
         with safe_open(str(checkpoint / "model.safetensors"), "pt"):
             pass  # the header is checked against the file's size: a truncated file fails here
-        torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+        named = _NAME.match(checkpoint.name)
+        if named and state.get("step") != int(named.group(1)):  # renamed or swapped folders
+            return f"it holds step {state.get('step')}, not {named.group(1)} as its name says"
         metadata = FileSystemReader(str(checkpoint / ENGINE_DIR)).read_metadata()
         for item in metadata.storage_data.values():
             shard = checkpoint / ENGINE_DIR / item.relative_path
@@ -226,7 +228,9 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
         if error is not None:
             raise error from e
         inner = next(iter(e.failures.values()), (None,))[0] if isinstance(e, CheckpointException) else None
-        if isinstance(inner, Exception):  # the rank's own error (a lost peer stays one), not DCP's BaseException
+        # The rank's own error (a lost peer stays one; a second Ctrl-C during the write stays a KeyboardInterrupt),
+        # not DCP's wrapper.
+        if isinstance(inner, (Exception, KeyboardInterrupt)):
             raise inner from e
         raise
     if info.is_main:

@@ -132,6 +132,9 @@ def recipe_differences(config_path: Path, cfg: PretrainConfig) -> list[str]:
         theirs = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{config_path} is not valid JSON ({e}): restore it, or choose another run.out_dir") from None
+    if not isinstance(theirs, dict):
+        raise UserError(f"{config_path} does not hold a run's settings (a JSON object): restore it, or choose "
+                        "another run.out_dir")
     ours = cfg.recipe()
     return [
         f"{section}.{key}"
@@ -532,7 +535,7 @@ def evaluate(s: Setup) -> float | None:
 def fit(s: Setup, log=print) -> dict:
     """Train from s.start_step to cfg.train.steps; returns the final train and validation losses.
 
-    On SIGTERM, SIGUSR1 or SIGINT every rank finishes its step, they agree to stop (one all-reduce), write a
+    On SIGTERM, SIGUSR1, SIGHUP or SIGINT every rank finishes its step, they agree to stop (one all-reduce), write a
     checkpoint together and return with `stopped_by` set to the signal's name."""
     from tqdm.auto import tqdm
 
