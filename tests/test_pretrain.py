@@ -265,8 +265,18 @@ def test_second_phase_from_first_phase_weights(data_dirs, tmp_path):
     too_long = tiny_config(data_dirs["roberta"], tmp_path / "phase3", steps=10)
     too_long.data.seq_len, too_long.model.max_positions = 128, 128
     too_long.model.init_from = str(tmp_path / "phase1" / "checkpoint-10")  # made with 64 positions
+    with pytest.raises(UserError, match=r"model.init_from: the model in .*checkpoint-10 is not the configured one "
+                                        r"\(max_position_embeddings 66 vs 130, its vs config\)"):
+        pretrain(too_long, **QUIET)
+    too_long.model.max_positions = 64
     with pytest.raises(UserError, match="longer than the model's 64 positions"):
         pretrain(too_long, **QUIET)
+    bigger = tiny_config(data_dirs["roberta"], tmp_path / "phase3", steps=10)  # the run would record mini, train tiny
+    bigger.model.size, bigger.model.init_from = "mini", str(tmp_path / "phase1" / "checkpoint-10")
+    with pytest.raises(UserError, match=r"is not the configured one \(.*hidden_size 128 vs 256.*\): set model.family, "
+                                        r"model.size, model.max_positions and model.dropout to match it"):
+        pretrain(bigger, **QUIET)
+    assert not (tmp_path / "phase3").exists()
 
 
 # ---- a run folder never leaves the user at a dead end ------------------------------------------------

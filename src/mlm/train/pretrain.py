@@ -190,18 +190,34 @@ def check_foreign_checkpoint(checkpoint: Path, run_dir: Path, cfg: PretrainConfi
         )
 
 
+def model_differences(hf_model: nn.Module, cfg: PretrainConfig, tokenizer) -> list[str]:
+    """Where a loaded model differs from the configured one ("hidden_size 128 vs 256": loaded vs config)."""
+    expected = hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout)
+    keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "hidden_dropout_prob", "attention_probs_dropout_prob")
+    return [f"{k} {getattr(hf_model.config, k, None)} vs {getattr(expected, k)}" for k in keys
+            if getattr(hf_model.config, k, None) != getattr(expected, k)]
+
+
 def check_resumed_model(hf_model: nn.Module, checkpoint: Path, cfg: PretrainConfig, tokenizer) -> None:
     """The checkpoint's model must be the configured one, or the run's config.json would record another."""
-    expected = hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout)
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "max_position_embeddings",
-            "hidden_dropout_prob", "attention_probs_dropout_prob")
-    differ = [f"{k} {getattr(hf_model.config, k)} vs {getattr(expected, k)}" for k in keys
-              if getattr(hf_model.config, k, None) != getattr(expected, k)]
+    differ = model_differences(hf_model, cfg, tokenizer)
     if differ:
         raise UserError(
             f"--resume: the model in {checkpoint} is not the configured one ({'; '.join(differ)}, checkpoint vs "
             f"config): resume with the recipe that made it, or start a new run from its weights with "
             f"--model.init_from={checkpoint}"
+        )
+
+
+def check_initial_model(hf_model: nn.Module, cfg: PretrainConfig, tokenizer) -> None:
+    """model.init_from's model must be the configured one: its weights fix the shape, and the run's config.json
+    would otherwise record a model that was not trained."""
+    differ = model_differences(hf_model, cfg, tokenizer)
+    if differ:
+        raise UserError(
+            f"model.init_from: the model in {cfg.model.init_from} is not the configured one ({'; '.join(differ)}, "
+            "its vs config): set model.family, model.size, model.max_positions and model.dropout to match it"
         )
 
 
@@ -271,6 +287,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         check_resumed_model(hf_model, checkpoint, cfg, tokenizer)
     elif cfg.model.init_from:
         hf_model = load_model(cfg.model.init_from)
+        check_initial_model(hf_model, cfg, tokenizer)
     else:
         hf_model = build_model(
             hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout),
