@@ -10,11 +10,12 @@ def mlm(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "mlm", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-def assert_one_line_error(result, fragment):
+def assert_one_line_error(result, fragment) -> str:
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+    return lines[0]
 
 
 def test_end_to_end_through_the_cli(tmp_path, corpus_file):
@@ -134,3 +135,15 @@ def test_a_config_file_that_cannot_be_read_is_named(tmp_path, content, message):
     result = mlm("pretrain", str(path))
     assert_one_line_error(result, message)
     assert f"config file {path}" in result.stderr
+
+
+@pytest.mark.parametrize("below, message", [("", " is a file, not a folder: choose another path"),
+                                            ("/run", "/run: part of this path is a file, not a folder: choose another path")])
+def test_an_output_path_through_a_file_is_named(tmp_path, data_dirs, tokenizer_dirs, corpus_file, below, message):
+    (tmp_path / "file").write_text("x")
+    out = f"{tmp_path / 'file'}{below}"
+    result = mlm("pretrain", f"--data.data_dir={data_dirs['roberta']}", "--model.size=tiny", "--model.max_positions=64",
+                 "--data.seq_len=32", "--system.device=cpu", f"--run.out_dir={out}")
+    assert_one_line_error(result, f"{tmp_path / 'file'}{message}")
+    result = mlm("prepare", "--corpus", str(corpus_file), "--tokenizer", str(tokenizer_dirs["roberta"]), "--out", out)
+    assert "is a file" in assert_one_line_error(result, str(tmp_path / "file"))

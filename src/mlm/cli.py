@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import typing
+from pathlib import Path
 
 from mlm.config import settings_help
 from mlm.errors import UserError
@@ -359,4 +360,8 @@ def _describe_os_error(e: OSError) -> str:
                 "before is kept: raise the limit or choose another folder, and run again")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write{where} ({e.strerror}): choose a folder you can write to"
+    if e.errno == errno.ENOTDIR:  # a folder wanted below a file
+        return f"{e.filename}: part of this path is a file, not a folder: choose another path"
+    if e.errno == errno.EEXIST and e.filename and Path(e.filename).is_file():  # mkdir where a file stands
+        return f"{e.filename} is a file, not a folder: choose another path"
     return f"{e.strerror or e}{where}"
