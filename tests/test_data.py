@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -121,7 +123,10 @@ def test_missing_or_empty_corpus(tmp_path, tokenizer_dirs, content, message):
 
 
 def test_prepare_refuses_to_overwrite(tmp_path, corpus_file, tokenizer_dirs, data_dirs):
-    with pytest.raises(UserError, match="already exists"):
+    """Finished data made with other settings is refused, naming the setting (the fixture used 0.05)."""
+    with pytest.raises(UserError, match=re.escape(
+            f"{data_dirs['bert']} is already prepared, differently: it was prepared with val_fraction "
+            "= 0.05, not 0.01; pass --overwrite to replace it, or use another --out")):
         prepare(PrepareConfig([str(corpus_file)], str(tokenizer_dirs["bert"]), str(data_dirs["bert"]), workers=1), **QUIET)
     read_manifest(data_dirs["bert"])  # untouched
 
@@ -210,3 +215,50 @@ def test_damaged_prepared_data_is_named(tmp_path, data_dirs, damage, message):
         shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(UserError, match=message):
         TokenStream(data, "train")
+
+
+@pytest.mark.parametrize("file, kind", [("../../x.bin", "up"), ("/etc/passwd", "absolute"), ("", "empty")])
+def test_a_manifest_shard_outside_the_data_folder_is_refused(tmp_path, data_dirs, file, kind):
+    data = tmp_path / "data"
+    shutil.copytree(data_dirs["roberta"], data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["file"] = file
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=re.escape(
+            f"{data / 'manifest.json'} is damaged (shard file {file!r} is not a file inside {data}): "
+            "run `mlm prepare` again")):
+        TokenStream(data, "train")
+
+
+@pytest.mark.parametrize("change, damage", [
+    ({"dtype": "float64"}, "dtype 'float64'; prepared data holds uint16 or uint32"),  # not "…bin is truncated"
+    ({"tokenizer": {"name": "tok"}}, "no tokenizer vocab_size"),  # training checks the token ids against it
+])
+def test_a_manifest_dtype_or_vocabulary_size_that_cannot_be_right_is_named(tmp_path, data_dirs, change, damage):
+    data = tmp_path / "data"
+    shutil.copytree(data_dirs["roberta"], data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(UserError) as error:
+        read_manifest(data)
+    assert str(error.value) == f"{data / 'manifest.json'} is damaged ({damage}): run `mlm prepare` again"
+
+
+def test_token_ids_beyond_the_vocabulary_are_named_before_the_model_sees_them(tmp_path, data_dirs):
+    """A train shard overwritten with random bytes of its size: the sizes agree, the ids do not. Training says
+    which shard, instead of an IndexError inside the embedding (or a device-side assert on a GPU)."""
+    from conftest import tiny_config
+    from mlm.train.pretrain import pretrain
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dirs["roberta"], data)
+    manifest = read_manifest(data)
+    shard = data / manifest["splits"]["train"]["shards"][0]["file"]
+    shard.write_bytes(np.random.default_rng(0).bytes(shard.stat().st_size))
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    vocab = manifest["tokenizer"]["vocab_size"]
+    with pytest.raises(UserError, match=rf"^{re.escape(str(shard))} holds token id \d+, but the tokenizer has {vocab:,} "
+                                        r"tokens: the data is damaged or was prepared with another tokenizer; run "
+                                        r"`mlm prepare` again$"):
+        pretrain(tiny_config(data, tmp_path / "run", steps=3), log=lambda _: None)
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before  # read, never written

@@ -390,3 +390,81 @@ def test_a_hub_corpus_without_a_network_is_one_line_at_once(tmp_path, tokenizer_
     assert result.stderr.splitlines() == [
         "error: cannot load dataset 'someorg/somecorpus': the hub (hub.invalid) cannot be reached; run where it can, "
         "or give local files (a folder of .parquet/.jsonl files works as NAME)"]
+
+
+def test_an_empty_hub_dataset_name_is_named(tmp_path, tokenizer_dirs):
+    """Not "cannot load dataset '': list index out of range"."""
+    for spec in ("hf:", "hf::some-config"):
+        with pytest.raises(UserError) as error:
+            prepare(config([spec], tokenizer_dirs["bert"], tmp_path / "d"), **QUIET)
+        assert str(error.value) == f"--corpus {spec} names no dataset: the name after hf: is empty (give hf:NAME or hf:NAME:CONFIG)"
+    assert not any(tmp_path.iterdir())
+
+
+BAD_INPUTS = {  # the bad record comes after enough good ones that parts were being written
+    "no text field": ("bad.jsonl", '{"body": "no text"}', r"bad.jsonl:41: no 'text' field"),
+    "null text": ("bad.jsonl", '{"text": null}', r"bad.jsonl:41: the 'text' field is null, not a string"),
+    "bad JSON": ("bad.jsonl", '{"text": oops}', r"bad.jsonl:41: not valid JSON \(Expecting value\)"),
+    "cut gzip": ("bad.txt.gz", None, r"bad.txt.gz: not a readable gzip file"),
+}
+
+
+def write_bad_input(folder: Path, kind: str) -> Path:
+    name, line, _ = BAD_INPUTS[kind]
+    if line is None:  # a gzip file cut short: its start reads (the plan checks it), its end does not
+        data = gzip.compress("\n".join(make_documents(2000, seed=8)).encode())
+        (folder / name).write_bytes(data[: len(data) // 2])
+    else:
+        good = "".join(json.dumps({"text": d}) + "\n" for d in make_documents(40, seed=8))
+        (folder / name).write_text(good + line + "\n")
+    return folder / name
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_leaves_nothing_behind(corpus, tokenizer_dirs, tmp_path, kind, workers):
+    """The .partial folder, the lock and the parts under temporary names this run made are removed: the input
+    has to change, and a changed input could not continue them anyway."""
+    (tmp_path / "in").mkdir()
+    bad = write_bad_input(tmp_path / "in", kind)
+    with pytest.raises(UserError, match=BAD_INPUTS[kind][2]):
+        prepare(config([corpus, bad], tokenizer_dirs["roberta"], tmp_path / "d", workers=workers), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_bad_input_keeps_the_partial_work_of_an_earlier_run(corpus, tokenizer_dirs, tmp_path):
+    """A .partial that was there before (a killed run, another share) keeps its finished units; only the
+    failed unit's temporary parts go."""
+    (tmp_path / "in").mkdir()
+    bad = write_bad_input(tmp_path / "in", "null text")
+    out = tmp_path / "d"
+    cfg = config([corpus, bad], tokenizer_dirs["roberta"], out, unit_bytes=10**6)
+    assert len(plan_units(cfg.sources, ReadOptions(), cfg.unit_bytes)) == 3  # a.txt, b.jsonl, then the bad one
+    assert prepare(PrepareConfig(**{**cfg.__dict__, "num_shards": 2, "shard_index": 1}), **QUIET) is None  # unit 1
+    parts = partial_dir(out) / "parts"
+    done = folder_bytes(parts)
+    assert sorted(name for name in done if name.endswith(".json")) == ["000001.json"]
+    with pytest.raises(UserError, match=BAD_INPUTS["null text"][2]):
+        prepare(cfg, **QUIET)  # does unit 0 (good, kept), then unit 2 (bad)
+    assert (parts / "000000.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".d.lock", "d.partial", "in"]
+    assert folder_bytes(parts).items() >= done.items() and not list(parts.glob(".*"))
+
+
+def test_finished_data_with_the_same_inputs_spelled_otherwise_is_complete(corpus, tokenizer_dirs, reference,
+                                                                         tmp_path, monkeypatch):
+    """Relative paths for the absolute ones of the first run: the same data, so it is complete (exit 0); another
+    setting is refused, naming it."""
+    before = folder_bytes(reference)
+    monkeypatch.chdir(reference.parent)
+    relative_corpus = os.path.relpath(corpus)
+    messages = []
+    manifest = prepare(config([relative_corpus], os.path.relpath(tokenizer_dirs["roberta"]), "data"),
+                       log=messages.append)
+    assert manifest["documents"] == 600
+    assert messages == ["data is complete: 600 documents, already prepared with these settings"]
+    with pytest.raises(UserError) as error:
+        prepare(config([relative_corpus], tokenizer_dirs["roberta"], "data", val_fraction=0.2), **QUIET)
+    assert str(error.value) == ("data is already prepared, differently: it was prepared with "
+                                "val_fraction = 0.1, not 0.2; pass --overwrite to replace it, or use another --out")
+    assert folder_bytes(reference) == before and sorted(p.name for p in reference.parent.iterdir()) == ["data"]

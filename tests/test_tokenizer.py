@@ -129,3 +129,82 @@ def test_without_a_network_a_hub_tokenizer_comes_from_the_cache_at_once(tokenize
 def test_a_tokenizer_path_of_several_folders_is_never_taken_for_a_hub_name():
     with pytest.raises(UserError, match="tokenizer directory some/local/path does not exist"):
         load_tokenizer("some/local/path")
+
+
+def _run_mlm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    return subprocess.run([sys.executable, "-m", "mlm", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("damage, what", [("missing", "is missing"), ("a folder", "is not a file"), ("empty", "is missing")])
+def test_a_tokenizer_folder_without_a_vocabulary_is_refused(tokenizer_dirs, corpus_file, tmp_path, damage, what):
+    """Without tokenizer.json transformers builds a tokenizer of the 5 special tokens, and prepare would turn every
+    document into one unknown token."""
+    tok = tmp_path / "tok"
+    if damage == "empty":
+        tok.mkdir()
+    else:
+        shutil.copytree(tokenizer_dirs["roberta"], tok)
+        (tok / "tokenizer.json").unlink()
+        if damage == "a folder":
+            (tok / "tokenizer.json").mkdir()
+    message = (f"tokenizer folder {tok} holds no vocabulary: tokenizer.json {what} (nor are there the vocab.json + "
+               "merges.txt, vocab.txt or .model files of a slow tokenizer); give a whole tokenizer folder, as "
+               "`mlm tokenizer` writes")
+    with pytest.raises(UserError) as error:
+        load_tokenizer(tok)
+    assert str(error.value) == message
+    result = _run_mlm("prepare", "--corpus", str(corpus_file), "--tokenizer", str(tok), "--out", str(tmp_path / "d"))
+    assert (result.returncode, result.stderr) == (2, f"error: {message}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]
+
+
+def test_a_slow_tokenizer_folder_of_vocabulary_files_still_loads(tokenizer_dirs, tmp_path):
+    """vocab.txt without tokenizer.json (as older BERT folders are) is a vocabulary: not refused."""
+    whole = load_tokenizer(tokenizer_dirs["bert"])
+    shutil.copytree(tokenizer_dirs["bert"], tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").unlink()
+    vocab = sorted(whole.get_vocab(), key=whole.get_vocab().get)
+    (tmp_path / "tok" / "vocab.txt").write_text("".join(token + "\n" for token in vocab))
+    slow = load_tokenizer(tmp_path / "tok")
+    assert len(slow) == len(whole) and slow("a dog")["input_ids"] == whole("a dog")["input_ids"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "is damaged (not a JSON object)"),
+    ("{oops", "is damaged (not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"),
+    (None, "is not a file"),
+])
+def test_a_damaged_tokenizer_config_is_named(tokenizer_dirs, tmp_path, content, message):
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dirs["roberta"], tok)
+    config = tok / "tokenizer_config.json"
+    if content is None:
+        config.unlink()
+        config.mkdir()
+    else:
+        config.write_text(content)
+    with pytest.raises(UserError) as error:
+        load_tokenizer(tok)
+    assert str(error.value) == f"{config} {message}: copy the tokenizer folder again"
+
+
+@pytest.mark.parametrize("out", [".", "", ".."])
+def test_a_tokenizer_out_that_names_no_folder_is_refused(corpus_file, tmp_path, out):
+    """Not "Invalid argument at .": the tokenizer is written beside --out and renamed to it."""
+    (tmp_path / "here").mkdir()
+    result = _run_mlm("tokenizer", "--corpus", str(corpus_file), "--vocab-size", "300", "--out", out,
+                      cwd=tmp_path / "here")
+    message = ("--out is empty: name a new or tokenizer folder (e.g. --out tok)" if not out else
+               f"--out {out!r} names no folder of its own: name a new or tokenizer folder (e.g. --out tok)")
+    assert (result.returncode, result.stderr) == (2, f"error: {message}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["here"] and not any((tmp_path / "here").iterdir())
+
+
+def test_copying_a_tokenizer_and_training_one_at_once_is_refused(tokenizer_dirs, corpus_file, tmp_path):
+    """--corpus with --from was silently ignored: the copy was not trained on that corpus."""
+    with pytest.raises(UserError) as error:
+        build_tokenizer(tmp_path / "tok", [str(corpus_file)], from_name=str(tokenizer_dirs["roberta"]), log=lambda _: None)
+    assert str(error.value) == "--from copies a tokenizer and --corpus trains one: give one of them, not both"
+    assert not any(tmp_path.iterdir())

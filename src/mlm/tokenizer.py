@@ -113,6 +113,39 @@ def save_tokenizer(tokenizer, out_dir: str | Path) -> None:
             raise error from e
 
 
+# The JSON files transformers reads from a tokenizer folder: each must be an object, or it fails deep inside.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "config.json", "vocab.json")
+
+
+def check_tokenizer_folder(folder: Path, name: str) -> None:
+    """A local tokenizer folder must hold a vocabulary: without one transformers builds a tokenizer of the
+    special tokens alone (5 tokens), and every document would become one unknown token."""
+    vocabulary = (
+        (folder / "tokenizer.json").is_file()  # a fast tokenizer, as mlm and save_pretrained write it
+        or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())  # a slow BPE (GPT-2, RoBERTa)
+        or (folder / "vocab.txt").is_file()  # a slow WordPiece (BERT)
+        or any(p.is_file() for p in folder.glob("*.model"))  # a SentencePiece model
+    )
+    if not vocabulary:
+        what = "is not a file" if (folder / "tokenizer.json").exists() else "is missing"
+        raise UserError(f"tokenizer folder {name} holds no vocabulary: tokenizer.json {what} (nor are there the "
+                        "vocab.json + merges.txt, vocab.txt or .model files of a slow tokenizer); give a whole "
+                        "tokenizer folder, as `mlm tokenizer` writes")
+    for file_name in TOKENIZER_JSON_FILES:
+        path = folder / file_name
+        if not path.exists():
+            continue
+        if not path.is_file():
+            raise UserError(f"{path} is not a file: copy the tokenizer folder again")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is damaged (not valid JSON: {first_line(e)}): copy the tokenizer folder again") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} is damaged (not a JSON object): copy the tokenizer folder again")
+
+
 def load_tokenizer(name_or_dir: str | Path):
     """Load a tokenizer from a local directory or a Hugging Face hub name (`roberta-base`, `bert-base-uncased`)."""
     from transformers import AutoTokenizer
@@ -125,6 +158,8 @@ def load_tokenizer(name_or_dir: str | Path):
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
     if looks_local and not Path(name).expanduser().is_dir():
         raise UserError(f"tokenizer directory {name} does not exist")
+    if looks_local:
+        check_tokenizer_folder(Path(name).expanduser(), name)
     # No network: the hub library would retry each file for ~25 s; the local cache answers at once.
     cache_only = not looks_local and (offline_by_choice() or not hub_reachable())
     try:
@@ -159,6 +194,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def check_tokenizer_out(out_dir: Path, overwrite: bool) -> None:
     """Never replace a folder by accident: an existing one only with overwrite, and only if it is a tokenizer."""
+    if out_dir.name in ("", ".."):  # "", ".", "..", "/": the tokenizer is renamed into place, so it needs a name
+        raise UserError(f"--out {str(out_dir)!r} names no folder of its own: name a new or tokenizer folder "
+                        "(e.g. --out tok)")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file: choose a folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
@@ -190,6 +228,10 @@ def build_tokenizer(
         raise UserError(f"--min-frequency must be >= 0, got {min_frequency}")
     if model_max_length < 1:
         raise UserError(f"--model-max-length must be positive, got {model_max_length}")
+    if from_name and sources:  # both would leave the user believing the corpus was used
+        raise UserError("--from copies a tokenizer and --corpus trains one: give one of them, not both")
+    if not str(out_dir):
+        raise UserError("--out is empty: name a new or tokenizer folder (e.g. --out tok)")
     check_tokenizer_out(Path(out_dir), overwrite)
 
     if from_name:

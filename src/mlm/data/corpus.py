@@ -276,6 +276,9 @@ def _load_hub(spec: str, options: ReadOptions):
     import datasets
 
     name, _, config = spec.partition(":")
+    if not name:  # datasets would say "list index out of range"
+        raise UserError(f"--corpus {HF_PREFIX}{spec} names no dataset: the name after {HF_PREFIX} is empty "
+                        f"(give {HF_PREFIX}NAME or {HF_PREFIX}NAME:CONFIG)")
     if not Path(name).is_dir() and not offline_by_choice() and not hub_reachable():  # else ~25 s of retries per file
         raise UserError(f"cannot load dataset {name!r}: the hub ({hub_host()}) cannot be reached; run where it can, "
                         "or give local files (a folder of .parquet/.jsonl files works as NAME)")

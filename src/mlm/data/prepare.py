@@ -36,7 +36,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mlm.data.corpus import ReadOptions, ReadStats, Unit, check_sources, input_fingerprint, plan_units, read_unit
+from mlm.data.corpus import (DEMO_SOURCE, HF_PREFIX, ReadOptions, ReadStats, Unit, check_sources, input_fingerprint,
+                             plan_units, read_unit)
 from mlm.errors import UserError
 from mlm.tokenizer import load_tokenizer, save_tokenizer, tokenizer_family, tokenizer_fingerprint
 
@@ -48,6 +49,10 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 KILL_AFTER_UNITS = "MLM_PREPARE_KILL_AFTER_UNITS"
 """Tests only: once this many units are done, the main process is killed (SIGKILL), as a crash would."""
+
+
+class WorkerDied(UserError):
+    """A worker process was killed (out of memory?): not the input's fault, so the units done are kept."""
 
 
 def _default_workers() -> int:
@@ -122,6 +127,10 @@ def is_validation(doc_index: int, val_fraction: float) -> bool:
     return int((doc_index + 1) * val_fraction) > int(doc_index * val_fraction)
 
 
+TOKEN_DTYPES = ("uint16", "uint32")
+"""What token ids are stored as: uint16 while the vocabulary fits, else uint32 (token_dtype)."""
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
@@ -134,11 +143,15 @@ def partial_dir(out_dir: str | Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
+def _lock_path(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.lock")
+
+
 def _lock(out_dir: Path):
     from filelock import FileLock
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(out_dir.with_name(f".{out_dir.name}.lock")))
+    return FileLock(str(_lock_path(out_dir)))
 
 
 # ---- the plan: units + everything that decides the output -----------------------------------------------
@@ -146,10 +159,11 @@ def make_plan(cfg: PrepareConfig, tokenizer) -> dict:
     """The work units and every setting that decides the bytes written, with a fingerprint of them all.
     Workers, shares and progress settings are left out: they change how, not what."""
     options = ReadOptions(cfg.text_field, cfg.hf_split, cfg.document_per_file)
-    units = plan_units(cfg.sources, options, cfg.unit_bytes)
+    sources = [_resolved(source) for source in cfg.sources]
+    units = plan_units(sources, options, cfg.unit_bytes)
     settings = {
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "sources": list(cfg.sources),
+        "sources": sources,
         "text_field": cfg.text_field,
         "hf_split": cfg.hf_split,
         "document_per_file": cfg.document_per_file,
@@ -176,19 +190,26 @@ def make_plan(cfg: PrepareConfig, tokenizer) -> dict:
     }
 
 
-def _plan_difference(old: dict, new: dict) -> str:
-    """What changed between two plans, in words."""
+def _resolved(source: str) -> str:
+    """A local corpus path (or glob) made absolute, so that `c.txt` and `/home/me/c.txt` plan the same data."""
+    if source == DEMO_SOURCE or source.startswith(HF_PREFIX):
+        return source
+    return str(Path(source).resolve())
+
+
+def _plan_difference(old: dict, new: dict, verb: str = "started") -> str:
+    """What changed between two plans, in words; `verb` says what was done with the old one."""
     if old["settings"]["tokenizer"] != new["settings"]["tokenizer"]:
-        return (f"it was started with tokenizer {old['tokenizer']['name']!r} (fingerprint {old['settings']['tokenizer']}), "
+        return (f"it was {verb} with tokenizer {old['tokenizer']['name']!r} (fingerprint {old['settings']['tokenizer']}), "
                 f"not {new['tokenizer']['name']!r} (fingerprint {new['settings']['tokenizer']})")
     for key, value in new["settings"].items():
         if old["settings"].get(key) != value:
-            return f"it was started with {key} = {old['settings'].get(key)!r}, not {value!r}"
+            return f"it was {verb} with {key} = {old['settings'].get(key)!r}, not {value!r}"
     old_inputs = {path: (size, mtime) for path, size, mtime in old["inputs"]}
     for path, size, mtime in new["inputs"]:
         if old_inputs.get(path) != (size, mtime):
-            return f"the corpus file {path} changed since it was started (size or modification time)"
-    return "the corpus is not the one it was started with (other files or dataset shards)"
+            return f"the corpus file {path} changed since it was {verb} (size or modification time)"
+    return f"the corpus is not the one it was {verb} with (other files or dataset shards)"
 
 
 def _read_json(path: Path) -> dict:
@@ -205,13 +226,13 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _open_work_dir(work: Path, plan: dict, tokenizer, overwrite: bool, log) -> None:
-    """Create the work folder for this plan, or check that the one there was made by the same plan."""
+def _open_work_dir(work: Path, plan: dict, tokenizer, overwrite: bool, log) -> bool:
+    """Create the work folder for this plan (True), or check that the one there was made by the same plan (False)."""
     if work.exists():
         if (work / PLAN).is_file():
             old = _read_json(work / PLAN)
             if old.get("fingerprint") == plan["fingerprint"]:
-                return
+                return False
             if not overwrite:
                 raise UserError(f"{work} holds an unfinished preparation that cannot be continued: "
                                 f"{_plan_difference(old, plan)}; pass --overwrite to start again, or use another --out")
@@ -224,6 +245,7 @@ def _open_work_dir(work: Path, plan: dict, tokenizer, overwrite: bool, log) -> N
     save_tokenizer(tokenizer, tmp / TOKENIZER_SUBDIR)
     _write_json(tmp / PLAN, plan)
     os.replace(tmp, work)
+    return True
 
 
 # ---- one work unit → one part ----------------------------------------------------------------------------
@@ -288,6 +310,16 @@ class PartWriter:
             os.replace(self._tmp(name), self.parts_dir / name)
         return {"tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents, "shards": self.shards}
 
+    def discard(self) -> None:
+        """Close and remove the temporary files: the unit failed (bad input), nothing of it is kept."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:  # a full disk cannot keep what is being removed
+                pass
+        for shard in self.shards:
+            self._tmp(Path(shard["file"]).name).unlink(missing_ok=True)
+
 
 def unit_stem(index: int) -> str:
     return f"{index:06d}"
@@ -323,22 +355,27 @@ def process_unit(index: int, unit: Unit, s: UnitSettings, encode: Callable[[list
     if max_documents is not None:
         docs = itertools.islice(docs, max(0, max_documents))
     reported_bytes = 0
-    while batch := list(itertools.islice(docs, s.docs_per_task)):
-        id_lists = encode(batch)
-        lengths = np.fromiter((len(ids) + 1 for ids in id_lists), dtype=np.int64, count=len(id_lists))
-        flat = np.fromiter(itertools.chain.from_iterable(ids + [s.separator_id] for ids in id_lists),
-                           dtype=np.uint32, count=int(lengths.sum()))
-        positions = np.arange(doc_index, doc_index + len(batch), dtype=np.float64)
-        # is_validation, for the whole batch at once
-        validation = (np.floor((positions + 1) * s.val_fraction) > np.floor(positions * s.val_fraction))
-        doc_index += len(batch)
-        token_is_validation = np.repeat(validation, lengths)
-        writers["train"].write(flat[~token_is_validation])
-        writers["validation"].write(flat[token_is_validation])
-        writers["validation"].documents += int(validation.sum())
-        writers["train"].documents += len(batch) - int(validation.sum())
-        report(len(batch), len(flat), stats.bytes_read - reported_bytes)
-        reported_bytes = stats.bytes_read
+    try:
+        while batch := list(itertools.islice(docs, s.docs_per_task)):
+            id_lists = encode(batch)
+            lengths = np.fromiter((len(ids) + 1 for ids in id_lists), dtype=np.int64, count=len(id_lists))
+            flat = np.fromiter(itertools.chain.from_iterable(ids + [s.separator_id] for ids in id_lists),
+                               dtype=np.uint32, count=int(lengths.sum()))
+            positions = np.arange(doc_index, doc_index + len(batch), dtype=np.float64)
+            # is_validation, for the whole batch at once
+            validation = (np.floor((positions + 1) * s.val_fraction) > np.floor(positions * s.val_fraction))
+            doc_index += len(batch)
+            token_is_validation = np.repeat(validation, lengths)
+            writers["train"].write(flat[~token_is_validation])
+            writers["validation"].write(flat[token_is_validation])
+            writers["validation"].documents += int(validation.sum())
+            writers["train"].documents += len(batch) - int(validation.sum())
+            report(len(batch), len(flat), stats.bytes_read - reported_bytes)
+            reported_bytes = stats.bytes_read
+    except BaseException:  # bad input (or an interrupt): no half-written part is left under a temporary name
+        for writer in writers.values():
+            writer.discard()
+        raise
     report(0, 0, max(unit.size, stats.bytes_read) - reported_bytes)  # the rest of the unit (e.g. after a sample's end)
     record = {
         "unit": index,
@@ -416,21 +453,25 @@ def _run_units(jobs: list[tuple[int, Unit, int | None]], settings: UnitSettings,
                              initargs=(tokenizer_json, queue)) as pool:
         # Only units (a path and two numbers) cross to the workers; each reads its own input.
         running = {pool.submit(_unit_task, index, unit, settings, cap) for index, unit, cap in jobs}
-        while running:
-            try:
-                message = queue.get(timeout=0.5)
-            except queue_module.Empty:
-                message = None
-            if message is not None and message[0] != "done":
-                report(*message)
-            for future in [f for f in running if f.done()]:
-                running.remove(future)
+        try:
+            while running:
                 try:
-                    record = future.result()  # a worker's UserError is raised here
-                except BrokenProcessPool:
-                    raise UserError("a worker process died (killed, or out of memory?): run the same command again "
-                                    "to continue; fewer --workers use less memory") from None
-                yield record["unit"], record
+                    message = queue.get(timeout=0.5)
+                except queue_module.Empty:
+                    message = None
+                if message is not None and message[0] != "done":
+                    report(*message)
+                for future in [f for f in running if f.done()]:
+                    running.remove(future)
+                    try:
+                        record = future.result()  # a worker's UserError is raised here
+                    except BrokenProcessPool:
+                        raise WorkerDied("a worker process died (killed, or out of memory?): run the same command "
+                                         "again to continue; fewer --workers use less memory") from None
+                    yield record["unit"], record
+        except BaseException:  # a unit failed (bad input), or an interrupt: start no unit still queued
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
 
 # ---- progress ------------------------------------------------------------------------------------------
@@ -492,6 +533,10 @@ def prepare(cfg: PrepareConfig, log=print) -> dict | None:
         if manifest.get("fingerprint") == plan["fingerprint"]:
             log(f"{out_dir} is complete: {manifest['documents']:,} documents, already prepared with these settings")
             return manifest
+        if not cfg.overwrite and (out_dir / PLAN).is_file():  # the plan stays in the finished folder: say what differs
+            raise UserError(f"{out_dir} is already prepared, differently: "
+                            f"{_plan_difference(_read_json(out_dir / PLAN), plan, 'prepared')}; pass --overwrite to "
+                            "replace it, or use another --out")
     work = partial_dir(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file: choose a folder")
@@ -501,16 +546,31 @@ def prepare(cfg: PrepareConfig, log=print) -> dict | None:
         if not (out_dir / MANIFEST).is_file():  # never delete a folder of something else
             raise UserError(f"output directory {out_dir} holds no prepared data (no {MANIFEST}): --overwrite replaces only "
                             "prepared data; choose another --out")
-    with _lock(out_dir):
-        _open_work_dir(work, plan, tokenizer, cfg.overwrite, log)
-        _write_json(work / "shares.json", {"num_shards": cfg.num_shards})
-    _process_share(cfg, plan, work, log)
-    with _lock(out_dir):
-        if not work.is_dir():  # another share finished last and finalized meanwhile
-            return read_manifest(out_dir)
-        missing = _missing_units(work, len(plan["units"]))
-        if not missing:
-            return _finalize(work, out_dir, log, started)
+    new_lock = not _lock_path(out_dir).exists()
+    new_work = False
+    try:
+        with _lock(out_dir):
+            new_work = _open_work_dir(work, plan, tokenizer, cfg.overwrite, log)
+            _write_json(work / "shares.json", {"num_shards": cfg.num_shards})
+        _process_share(cfg, plan, work, log)
+        with _lock(out_dir):
+            if not work.is_dir():  # another share finished last and finalized meanwhile
+                return read_manifest(out_dir)
+            missing = _missing_units(work, len(plan["units"]))
+            if not missing:
+                return _finalize(work, out_dir, log, started)
+    except WorkerDied:  # not the input's fault: the units done are kept for the next run
+        raise
+    except UserError:
+        # Bad input: the work folder this run started holds nothing worth resuming (the input must change, and
+        # a changed input starts again anyway). A folder that was there before is kept (its units are done),
+        # and so is one that other shares may be writing into.
+        if new_work and cfg.num_shards == 1 and work.exists():
+            with _lock(out_dir):
+                shutil.rmtree(work, ignore_errors=True)
+                if new_lock:
+                    _lock_path(out_dir).unlink(missing_ok=True)
+        raise
     log(f"share {cfg.shard_index} of {cfg.num_shards} is done; {len(missing)} of {len(plan['units'])} work units are "
         f"left to other shares: the last share to finish writes the manifest (or run mlm prepare --finalize {out_dir})")
     return None
@@ -628,7 +688,7 @@ def _finalize(work: Path, out_dir: Path, log, started: float) -> dict:
     settings = plan["settings"]
     if stats.documents == 0:
         shutil.rmtree(work, ignore_errors=True)
-        out_dir.with_name(f".{out_dir.name}.lock").unlink(missing_ok=True)
+        _lock_path(out_dir).unlink(missing_ok=True)
         raise UserError(f"the corpus {' '.join(settings['sources'])} is empty: no non-blank document found")
     if stats.bad_utf8:
         log(stats.bad_utf8_warning())
@@ -664,7 +724,7 @@ def _finalize(work: Path, out_dir: Path, log, started: float) -> dict:
     if out_dir.exists():
         shutil.rmtree(out_dir)  # empty, or replaced by --overwrite
     os.replace(work, out_dir)
-    out_dir.with_name(f".{out_dir.name}.lock").unlink(missing_ok=True)
+    _lock_path(out_dir).unlink(missing_ok=True)
     log(
         f"prepared {stats.documents:,} documents → {splits['train']['tokens']:,} train + "
         f"{splits['validation']['tokens']:,} validation tokens in {len(records)} work unit(s) | "
@@ -690,4 +750,20 @@ def read_manifest(data_dir: str | Path) -> dict:
         raise UserError(f"{path} is damaged (not a JSON object): run `mlm prepare` again")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    if manifest.get("dtype") not in TOKEN_DTYPES:  # any other would read the shards as wrong numbers
+        raise UserError(f"{path} is damaged (dtype {manifest.get('dtype')!r}; prepared data holds "
+                        f"{' or '.join(TOKEN_DTYPES)}): run `mlm prepare` again")
+    tokenizer = manifest.get("tokenizer")
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("vocab_size"), int) or tokenizer["vocab_size"] < 1:
+        # training checks every token id against it
+        raise UserError(f"{path} is damaged (no tokenizer vocab_size): run `mlm prepare` again")
+    try:
+        files = [s["file"] for split in manifest["splits"].values() for s in split["shards"]]
+    except (AttributeError, KeyError, TypeError):
+        raise UserError(f"{path} is damaged (no list of shards for each split): run `mlm prepare` again") from None
+    for name in files:
+        # Training opens these: a damaged (or hostile) manifest must not send it outside the data folder.
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UserError(f"{path} is damaged (shard file {name!r} is not a file inside {data_dir}): "
+                            "run `mlm prepare` again")
     return manifest

@@ -37,6 +37,9 @@ class TokenStream:
                 state = "missing" if not path.is_file() else "truncated"
                 raise UserError(f"{path} is {state} ({tokens:,} tokens expected): run `mlm prepare` again")
         self.dtype = dtype
+        self.vocab_size: int | None = (manifest.get("tokenizer") or {}).get("vocab_size")
+        """Every token id is below this: the tokenizer's size, which `mlm prepare` records (read_manifest checks
+        that it is there; a manifest made by hand, in tests, may leave it out)."""
         self.paths = [path for path, _ in shards]
         self.lengths = [tokens for _, tokens in shards]
         # starts[i] = offset of shard i in the stream; starts[-1] = total length.
@@ -57,6 +60,10 @@ class TokenStream:
 
     def __len__(self) -> int:
         return int(self.starts[-1])
+
+    def path_at(self, position: int) -> Path:
+        """The shard file that holds token `position` of the stream."""
+        return self.paths[int(np.searchsorted(self.starts, position, side="right")) - 1]
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream, across shard boundaries."""
@@ -108,6 +115,13 @@ class Windows:
                 done |= inside
         for row in np.flatnonzero(~done):  # the few windows that straddle two shards
             out[row, 1:-1] = self.stream.read(int(window_ids[row]) * self.content_len, self.content_len)
+        # Ids beyond the vocabulary (a damaged shard, another tokenizer's data) would fail deep inside the model's
+        # embedding ("index out of range"), or on a GPU as a device-side assert: one max here, on the host, is cheap.
+        if self.stream.vocab_size is not None and len(out) and out.max() >= self.stream.vocab_size:
+            row, column = np.argwhere(out >= self.stream.vocab_size)[0]
+            path = self.stream.path_at(int(window_ids[row]) * C + int(column) - 1)
+            raise UserError(f"{path} holds token id {out[row, column]}, but the tokenizer has {self.stream.vocab_size:,} "
+                            "tokens: the data is damaged or was prepared with another tokenizer; run `mlm prepare` again")
         return out
 
 
