@@ -262,3 +262,4 @@ def test_token_ids_beyond_the_vocabulary_are_named_before_the_model_sees_them(tm
                                         r"`mlm prepare` again$"):
         pretrain(tiny_config(data, tmp_path / "run", steps=3), log=lambda _: None)
     assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before  # read, never written
+    assert not (tmp_path / "run").exists()  # found before the run folder is made: the corrected rerun is not blocked

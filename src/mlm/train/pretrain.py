@@ -314,6 +314,10 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     autocast_dtype = torch.bfloat16 if bf16 and strategy != "deepspeed" else None
     engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)
     start_step, tally = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else (0, {})
+    sampler = Sampler(train.count, cfg.train.global_batch, cfg.train.seed)
+    # Damaged data (token ids beyond the vocabulary) fails here, before the run folder changes; a shard damaged
+    # further on fails at its step with the same one-line error.
+    train.batch(sampler.rank_batch_ids(start_step, info.rank, info.world_size))
 
     run_lock = None
     if info.is_main:
@@ -321,7 +325,6 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         run_lock = lock_run_dir(run_dir)  # before anything in the folder changes
 
     masking = masking_spec(cfg, tokenizer)
-    sampler = Sampler(train.count, cfg.train.global_batch, cfg.train.seed)
     s = Setup(
         cfg=cfg,
         run_dir=run_dir,
