@@ -61,6 +61,10 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+_variables_set_here: set[str] = set()
+"""Launcher variables that init() set for a group of one, for cleanup() to remove."""
+
+
 def init(device_kind: str, timeout_s: int = 1800, need_group: bool = False) -> DistInfo:
     """Join the process group if launched by torchrun (NCCL for CUDA, Gloo for CPU); with need_group, form
     a group of one when launched plainly. A collective that waits longer than timeout_s fails the job
@@ -76,8 +80,11 @@ def init(device_kind: str, timeout_s: int = 1800, need_group: bool = False) -> D
         if info.distributed:
             torch_dist.init_process_group(backend=backend, timeout=timeout)
         else:  # one process, no launcher: an in-memory store, no network port
-            # and the variables a launcher would set, for libraries that read them (DeepSpeed)
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            # and the variables a launcher would set, for libraries that read them (DeepSpeed); cleanup() takes
+            # them away again, or a later library in this process (transformers' Trainer) would look for a launcher
+            launcher_variables = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+            _variables_set_here.update(key for key in launcher_variables if key not in os.environ)
+            os.environ.update(launcher_variables)
             torch_dist.init_process_group(backend=backend, store=torch_dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         _control_group = torch_dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return info
@@ -88,6 +95,9 @@ def cleanup() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
     _control_group = None
+    for key in _variables_set_here:
+        os.environ.pop(key, None)
+    _variables_set_here.clear()
 
 
 def barrier(info: DistInfo) -> None:
