@@ -53,6 +53,8 @@ def test_end_to_end_through_the_cli(tmp_path, corpus_file):
         (["pretrain", "--resume=nowhere"], "holds no checkpoint"),
         (["pretrain", "--train.budget=fast"], "train.budget: cannot read 'fast'"),
         (["pretrain", "--run.out_dir="], "run.out_dir is empty: name the run's folder"),
+        (["pretrain", "--resume="], "--resume= is empty: give a checkpoint folder, latest (a bare --resume) or auto"),
+        (["tokenizer", "--vocab", "300", "--out", "t"], "unrecognized arguments: --vocab 300 (see mlm tokenizer --help)"),
         (["demo", "--minutes", "0"], "--minutes must be a positive number, got 0.0"),
         (["demo", "--minutes", "inf"], "--minutes must be a positive number, got inf"),
         (["tokenizer", "--vocab-size", "1.5", "--out", "t"], "argument --vocab-size: invalid int value: '1.5' (see mlm tokenizer --help)"),

@@ -17,6 +17,27 @@ from mlm.errors import UserError
 
 
 # ---- tokenizer, prepare, pretrain, demo ------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, saying a usage mistake the way every other error is said: one line, exit 2; a flag must be
+    spelled whole (argparse would take --vocab for --vocab-size)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+    def error(self, message: str) -> typing.NoReturn:
+        _fail(f"{message} (see {self.prog} --help)", 2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default where it tells something: not None (the help text says what happens then), not the True
+    of a --no-X flag."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action, argparse._StoreFalseAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _unit_bytes(megabytes: float) -> int:
     if not math.isfinite(megabytes) or megabytes > 2**20:  # a work unit over a TiB is a typo
         raise UserError(f"--unit-mb must be a number of MiB (0: automatic), got {megabytes}")
@@ -28,7 +49,7 @@ def _add_tokenizer(subparsers) -> None:
         "tokenizer", help="train a tokenizer on a corpus, or copy an existing one",
         description="Train a byte-level BPE (RoBERTa) or uncased WordPiece (BERT) tokenizer on a corpus, or copy "
         "an existing one (--from), into a folder that AutoTokenizer.from_pretrained loads.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--corpus", nargs="+", default=[], help="files, folders, globs, hf:NAME[:CONFIG], or demo")
     p.add_argument("--family", default="roberta", help="roberta (byte-level BPE) or bert (uncased WordPiece)")
@@ -61,7 +82,7 @@ def _add_prepare(subparsers) -> None:
         "and manifest.json; mlm pretrain reads them and cuts sequences of any length. A killed run continues "
         "where it stopped when started again with the same arguments; --num-shards/--shard-index split the work "
         "across machines.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--corpus", nargs="+", default=None,
                    help="files, folders, globs (.txt, .jsonl, also .gz/.zst; .parquet), a save_to_disk folder, "
@@ -155,7 +176,7 @@ def _add_demo(subparsers) -> None:
         "against its random initialisation (masked-token accuracy beside a unigram baseline, fill-mask, topic "
         "classification with few labels) on the BBC News corpus shipped with the package, offline, on CPU; "
         "writes report.md and report.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--out", default="runs/demo", help="demo folder (tokenizer, data, run, report)")
     p.add_argument("--minutes", type=float, default=None,
@@ -180,7 +201,7 @@ def _add_bench(subparsers) -> None:
         description="Time real training steps of a recipe (after warm-up and compilation) and print tokens/s, step "
         "time, peak memory and MFU; --baseline also times the reference's Hugging Face path on the same batches. "
         "Any setting can be overridden as --section.key=value, as for mlm pretrain.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("config", help="TOML recipe (e.g. configs/roberta-medium.toml)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
@@ -265,13 +286,6 @@ def _run_glue(args: argparse.Namespace) -> None:
 # ---- end glue --------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, saying a usage mistake the way every other error is said: one line, exit 2."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        _fail(f"{message} (see {self.prog} --help)", 2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(  # the subcommands' parsers are of the same class
         prog="mlm",
@@ -314,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         # One spelling across commands: glue's --no-progress means --run.progress=false here too.
         args.overrides = ["--run.progress=false" if item == "--no-progress" else item for item in extra]
     elif extra:
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
+        _fail(f"unrecognized arguments: {' '.join(extra)} (see mlm {args.command} --help)", 2)
     try:
         args.func(args)
     except UserError as e:

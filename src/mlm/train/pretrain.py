@@ -436,6 +436,8 @@ def time_first_steps(s: Setup, min_seconds: float) -> tuple[float, float, int]:
 def _checkpoint_to_resume(run_dir: Path, resume: str | None, log) -> Path | UserError | None:
     """The checkpoint that --resume asks for, after checking it is sound; or why none can be used."""
     try:
+        if resume is not None and not resume.strip():  # --resume= : a variable that came out empty, never "no resume"
+            raise UserError("--resume= is empty: give a checkpoint folder, latest (a bare --resume) or auto")
         if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
             checkpoint = newest_good_checkpoint(run_dir, log)
             if checkpoint is None and checkpoint_dirs(run_dir):
