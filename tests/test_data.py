@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlm.data.corpus import ReadStats, demo_documents, iter_documents
-from mlm.data.prepare import PrepareConfig, is_validation, prepare, read_manifest, token_dtype
+from mlm.data.prepare import FINGERPRINT_BYTES, PrepareConfig, is_validation, prepare, read_manifest, token_dtype
 from mlm.data.stream import Sampler, TokenStream, Windows, permute
 from mlm.errors import UserError
 from mlm.tokenizer import load_tokenizer
@@ -244,6 +244,24 @@ def test_a_manifest_dtype_or_vocabulary_size_that_cannot_be_right_is_named(tmp_p
     assert str(error.value) == f"{data / 'manifest.json'} is damaged ({damage}): run `mlm prepare` again"
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_shard_replaced_after_prepare_is_named(tmp_path, data_dirs, where):
+    """A shard swapped for another of the same size (from another prepared set, or a neighbour): its first or
+    last 4 KiB no longer match the fingerprint in the manifest."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dirs["roberta"], data)
+    shard = data / read_manifest(data)["splits"]["train"]["shards"][0]["file"]
+    data_bytes = bytearray(shard.read_bytes())
+    if where == "first":
+        data_bytes[0] ^= 1
+    else:
+        data_bytes[-1] ^= 1
+    shard.write_bytes(bytes(data_bytes))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(shard))} is not the shard the manifest lists \(its first or "
+                                        r"last bytes differ: replaced or altered after `mlm prepare`\): run `mlm prepare` again$"):
+        TokenStream(data, "train")
+
+
 def test_token_ids_beyond_the_vocabulary_are_named_before_the_model_sees_them(tmp_path, data_dirs):
     """A train shard overwritten with random bytes of its size: the sizes agree, the ids do not. Training says
     which shard, instead of an IndexError inside the embedding (or a device-side assert on a GPU)."""
@@ -254,7 +272,11 @@ def test_token_ids_beyond_the_vocabulary_are_named_before_the_model_sees_them(tm
     shutil.copytree(data_dirs["roberta"], data)
     manifest = read_manifest(data)
     shard = data / manifest["splits"]["train"]["shards"][0]["file"]
-    shard.write_bytes(np.random.default_rng(0).bytes(shard.stat().st_size))
+    # Random bytes between the shard's first and last 4 KiB (its fingerprint): damage only the ids can show.
+    data_bytes = bytearray(shard.read_bytes())
+    assert len(data_bytes) > 3 * FINGERPRINT_BYTES
+    data_bytes[FINGERPRINT_BYTES:-FINGERPRINT_BYTES] = np.random.default_rng(0).bytes(len(data_bytes) - 2 * FINGERPRINT_BYTES)
+    shard.write_bytes(bytes(data_bytes))
     before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
     vocab = manifest["tokenizer"]["vocab_size"]
     with pytest.raises(UserError, match=rf"^{re.escape(str(shard))} holds token id \d+, but the tokenizer has {vocab:,} "

@@ -307,6 +307,7 @@ class PartWriter:
                 raise OSError(e.errno, e.strerror, e.filename or self._file.name) from e
         for shard in self.shards:
             name = Path(shard["file"]).name
+            shard["ends_sha256"] = shard_fingerprint(self._tmp(name))
             os.replace(self._tmp(name), self.parts_dir / name)
         return {"tokens": sum(s["tokens"] for s in self.shards), "documents": self.documents, "shards": self.shards}
 
@@ -733,6 +734,21 @@ def _finalize(work: Path, out_dir: Path, log, started: float) -> dict:
         + f" | {disk / max(tokens, 1):.2f} bytes/token on disk | {time.time() - started:.1f}s → {out_dir}"
     )
     return manifest
+
+
+FINGERPRINT_BYTES = 4096
+
+
+def shard_fingerprint(path: Path) -> str:
+    """SHA-256 of a shard's first and last 4 KiB: cheap to check at every start (two reads per shard, whatever
+    its size), and a shard replaced by another of the same size (from another prepared set, or swapped with a
+    neighbour) no longer matches."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        f.seek(max(0, os.fstat(f.fileno()).st_size - FINGERPRINT_BYTES))
+        digest.update(f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()
 
 
 def read_manifest(data_dir: str | Path) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlm.data.prepare import read_manifest
+from mlm.data.prepare import read_manifest, shard_fingerprint
 from mlm.errors import UserError
 
 OPEN_SHARDS = 256
@@ -29,13 +29,18 @@ class TokenStream:
         try:
             info = manifest["splits"][split]
             dtype = np.dtype(manifest["dtype"])
-            shards = [(Path(data_dir) / s["file"], int(s["tokens"])) for s in info["shards"] if s["tokens"] > 0]
+            listed = [s for s in info["shards"] if s["tokens"] > 0]
+            shards = [(Path(data_dir) / s["file"], int(s["tokens"])) for s in listed]
         except (KeyError, TypeError) as e:
             raise UserError(f"{data_dir}/manifest.json is damaged (no {e}): run `mlm prepare` again") from None
-        for path, tokens in shards:  # a missing or cut-short shard would fail deep inside training
+        # A missing, cut-short or replaced shard would fail deep inside training, or train on the wrong tokens.
+        for (path, tokens), entry in zip(shards, listed):
             if not path.is_file() or path.stat().st_size < tokens * dtype.itemsize:
                 state = "missing" if not path.is_file() else "truncated"
                 raise UserError(f"{path} is {state} ({tokens:,} tokens expected): run `mlm prepare` again")
+            if "ends_sha256" in entry and shard_fingerprint(path) != entry["ends_sha256"]:  # (absent before it existed)
+                raise UserError(f"{path} is not the shard the manifest lists (its first or last bytes differ: replaced "
+                                "or altered after `mlm prepare`): run `mlm prepare` again")
         self.dtype = dtype
         self.vocab_size: int | None = (manifest.get("tokenizer") or {}).get("vocab_size")
         """Every token id is below this: the tokenizer's size, which `mlm prepare` records (read_manifest checks
