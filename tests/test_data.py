@@ -199,7 +199,10 @@ def test_a_killed_prepare_leaves_nothing_behind_for_long(tmp_path, tokenizer_dir
 @pytest.mark.parametrize("damage, message", [
     ("manifest", r"manifest.json is damaged \(not valid JSON"),
     ("missing shard", r"train-\d+\.bin is missing \([\d,]+ tokens expected\): run `mlm prepare` again"),
-    ("truncated shard", r"train-\d+\.bin is truncated \([\d,]+ tokens expected\): run `mlm prepare` again"),
+    ("truncated shard", r"train-\d+\.bin is truncated \(50 tokens, the manifest lists [\d,]+\): run `mlm prepare` again"),
+    # The manifest edited to list fewer tokens: training would read only those, silently.
+    ("fewer tokens listed", r"train-\d+\.bin is longer than listed \([\d,]+ tokens, the manifest lists 100\): run "
+                            r"`mlm prepare` again"),
 ])
 def test_damaged_prepared_data_is_named(tmp_path, data_dirs, damage, message):
     import shutil
@@ -211,6 +214,10 @@ def test_damaged_prepared_data_is_named(tmp_path, data_dirs, damage, message):
         (data / "manifest.json").write_text("{oops")
     elif damage == "missing shard":
         shard.unlink()
+    elif damage == "fewer tokens listed":
+        manifest = json.loads((data / "manifest.json").read_text())
+        manifest["splits"]["train"]["shards"][0]["tokens"] = 100
+        (data / "manifest.json").write_text(json.dumps(manifest))
     else:
         shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(UserError, match=message):

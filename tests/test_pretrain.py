@@ -465,6 +465,9 @@ DAMAGE = {
     "a flipped byte in an engine shard": (lambda c: _flip_a_byte(next((c / "engine").glob("*.distcp"))),
                                           r"engine/__0_0.distcp does not match its checksum"),
     "missing checksums": (lambda c: (c / "checksums.json").unlink(), "checksums.json is missing"),
+    # A checkpoint-<step> folder is only ever made whole (renamed from a temporary one): without its training
+    # state it is damaged, and named, rather than passed by in silence.
+    "missing training state": (lambda c: (c / "training_state.pt").unlink(), "training_state.pt is missing"),
     "checksums not an object": (lambda c: (c / "checksums.json").write_text("[]"), r"checksums.json is damaged"),
     # What folders renamed or swapped by hand look like: the state of step 10 under the name checkpoint-20.
     "another step's state": (lambda c: shutil.copy(c.parent / "checkpoint-10" / "training_state.pt", c),

@@ -40,12 +40,15 @@ ENGINE_DIR = "engine"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def checkpoint_dirs(run_dir: str | Path, complete: bool = True) -> list[Path]:
+    """The checkpoints of a run, oldest first: with `complete`, those holding a training state; otherwise every
+    checkpoint-<step> folder (one is written under a temporary name and renamed whole, so a folder of that
+    name without its training state is a damaged checkpoint, and a resume names it instead of passing it by)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir()
+             if (m := _NAME.match(p.name)) and p.is_dir() and (not complete or (p / STATE_FILE).is_file())]
     return [p for _, p in sorted(found)]
 
 
@@ -54,7 +57,7 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
-    found = checkpoint_dirs(path)
+    found = checkpoint_dirs(path, complete=False)
     if not found:
         raise UserError(
             f"--resume: {path} holds no checkpoint yet (no checkpoint-<step>/{STATE_FILE}): start without --resume, "
@@ -131,7 +134,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 def newest_good_checkpoint(run_dir: Path, log) -> Path | None:
     """The newest checkpoint of a run that can be resumed from, naming each damaged one it passes over."""
-    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+    for checkpoint in reversed(checkpoint_dirs(run_dir, complete=False)):
         problem = checkpoint_problem(checkpoint)
         if problem is None:
             return checkpoint

@@ -440,7 +440,7 @@ def _checkpoint_to_resume(run_dir: Path, resume: str | None, log) -> Path | User
             raise UserError("--resume= is empty: give a checkpoint folder, latest (a bare --resume) or auto")
         if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
             checkpoint = newest_good_checkpoint(run_dir, log)
-            if checkpoint is None and checkpoint_dirs(run_dir):
+            if checkpoint is None and checkpoint_dirs(run_dir, complete=False):
                 raise UserError(f"every checkpoint in {run_dir} is damaged: restore one, or choose another run.out_dir")
             return checkpoint
         return check_checkpoint(find_checkpoint(run_dir if resume == "latest" else resume)) if resume else None
