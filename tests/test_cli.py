@@ -64,7 +64,15 @@ def test_end_to_end_through_the_cli(tmp_path, corpus_file):
         (["demo", "--steps", "0"], "--steps must be positive"),
         (["tokenizer", "--corpus", "demo", "--min-frequency", "-1", "--out", "t"], "--min-frequency must be >= 0, got -1"),
         (["tokenizer", "--corpus", "demo", "--model-max-length", "0", "--out", "t"],
-         "--model-max-length must be positive, got 0"),
+         "--model-max-length must be between 1 and 1,000,000, got 0"),
+        (["tokenizer", "--corpus", "demo", "--model-max-length", "99999999999999999999", "--out", "t"],
+         "--model-max-length must be between 1 and 1,000,000, got 99999999999999999999"),
+        (["prepare", "--corpus", "c.txt", "--tokenizer", "t", "--out", "d", "--workers", "100000"],
+         "workers must be between 1 and 1024, got 100000"),
+        (["prepare", "--corpus", "c.txt", "--tokenizer", "t", "--out", "d", "--text-field", ""],
+         "--text-field is empty: name the field of .jsonl/.parquet records that holds the text"),
+        (["prepare", "--finalize", "d", "--corpus", "c.txt"],
+         "--finalize DIR takes no --corpus, --tokenizer or --out"),
     ],
 )
 def test_bad_input_one_line(tmp_path, args, fragment):

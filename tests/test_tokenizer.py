@@ -208,3 +208,16 @@ def test_copying_a_tokenizer_and_training_one_at_once_is_refused(tokenizer_dirs,
         build_tokenizer(tmp_path / "tok", [str(corpus_file)], from_name=str(tokenizer_dirs["roberta"]), log=lambda _: None)
     assert str(error.value) == "--from copies a tokenizer and --corpus trains one: give one of them, not both"
     assert not any(tmp_path.iterdir())
+
+
+def test_a_tokenizer_config_with_a_length_that_cannot_be_is_named(tokenizer_dirs, tmp_path):
+    import json
+
+    folder = tmp_path / "tok"
+    shutil.copytree(tokenizer_dirs["roberta"], folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["model_max_length"] = -5
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"has model_max_length -5: it must be a positive number \(its "
+                                        r"tokenizer_config.json is damaged\)"):
+        load_tokenizer(folder)

@@ -112,6 +112,9 @@ def _run_prepare(args: argparse.Namespace) -> None:
     from mlm.data.prepare import PrepareConfig, finalize, prepare
 
     if args.finalize:
+        if args.corpus or args.tokenizer or args.out:  # finalize would ignore them: say so rather than do it
+            raise UserError("--finalize DIR takes no --corpus, --tokenizer or --out: it finishes what the shares "
+                            "of DIR prepared")
         finalize(args.finalize)
         return
     missing = [name for name, value in (("--corpus", args.corpus), ("--tokenizer", args.tokenizer), ("--out", args.out))

@@ -19,6 +19,7 @@ import platform
 import re
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,7 +446,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps:
     random_side = {
         "masked_tokens": masked_token_accuracy(initial, masks),
         "fill_mask": fill_mask(initial, examples),
-        "topics": topic_accuracies(initial, train_topics, held_out_topics, topic_names, progress=True),
+        "topics": topic_accuracies(initial, train_topics, held_out_topics, topic_names, progress=sys.stderr.isatty()),
     }
     scoring_s = stage.timed("random init scored", start)
 
@@ -475,7 +476,7 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps:
     pretrained_side = {
         "masked_tokens": masked_token_accuracy(checkpoint, masks),
         "fill_mask": fill_mask(checkpoint, examples),
-        "topics": topic_accuracies(checkpoint, train_topics, held_out_topics, topic_names, progress=True),
+        "topics": topic_accuracies(checkpoint, train_topics, held_out_topics, topic_names, progress=sys.stderr.isatty()),
     }
     stage.timed("pretrained scored", start)
 

@@ -174,7 +174,14 @@ def load_tokenizer(name_or_dir: str | Path):
         raise UserError(f"tokenizer {name!r} has no fast (Rust) implementation, which data preparation needs")
     if tokenizer.mask_token_id is None or tokenizer.sep_token_id is None or tokenizer.cls_token_id is None:
         raise UserError(f"tokenizer {name!r} lacks a mask, separator or classification token: not an MLM tokenizer")
+    if not isinstance(tokenizer.model_max_length, int) or tokenizer.model_max_length < 1:  # truncation would fail
+        raise UserError(f"tokenizer {name!r} has model_max_length {tokenizer.model_max_length!r}: it must be a positive "
+                        "number (its tokenizer_config.json is damaged)")
     return tokenizer
+
+
+MAX_MODEL_LENGTH = 1_000_000
+"""Far beyond any encoder's positions: a larger --model-max-length is a typo."""
 
 
 def tokenizer_family(tokenizer) -> str:
@@ -226,8 +233,8 @@ def build_tokenizer(
 
     if min_frequency < 0:
         raise UserError(f"--min-frequency must be >= 0, got {min_frequency}")
-    if model_max_length < 1:
-        raise UserError(f"--model-max-length must be positive, got {model_max_length}")
+    if not 1 <= model_max_length <= MAX_MODEL_LENGTH:
+        raise UserError(f"--model-max-length must be between 1 and {MAX_MODEL_LENGTH:,}, got {model_max_length}")
     if from_name and sources:  # both would leave the user believing the corpus was used
         raise UserError("--from copies a tokenizer and --corpus trains one: give one of them, not both")
     if not str(out_dir):

@@ -55,6 +55,10 @@ class WorkerDied(UserError):
     """A worker process was killed (out of memory?): not the input's fault, so the units done are kept."""
 
 
+MAX_WORKERS = 1024
+"""More worker processes than any machine has cores: a typo."""
+
+
 def _default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -105,8 +109,10 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.workers < 1:
-            raise UserError(f"workers must be at least 1, got {self.workers}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise UserError(f"workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
+        if not self.text_field.strip():
+            raise UserError("--text-field is empty: name the field of .jsonl/.parquet records that holds the text")
         if self.shard_tokens < 1:
             raise UserError(f"shard_tokens must be positive, got {self.shard_tokens}")
         if self.unit_bytes < 0:
