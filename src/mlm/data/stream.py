@@ -37,9 +37,10 @@ class TokenStream:
         for (path, tokens), entry in zip(shards, listed):
             if not path.is_file():
                 raise UserError(f"{path} is missing ({tokens:,} tokens expected): run `mlm prepare` again")
-            if path.stat().st_size != tokens * dtype.itemsize:  # prepare writes exactly the tokens it lists
-                state = "truncated" if path.stat().st_size < tokens * dtype.itemsize else "longer than listed"
-                raise UserError(f"{path} is {state} ({path.stat().st_size // dtype.itemsize:,} tokens, the manifest "
+            size = path.stat().st_size
+            if size != tokens * dtype.itemsize:  # prepare writes exactly the tokens it lists
+                state = "truncated" if size < tokens * dtype.itemsize else "longer than listed"
+                raise UserError(f"{path} is {state} ({size // dtype.itemsize:,} tokens, the manifest "
                                 f"lists {tokens:,}): run `mlm prepare` again")
             if "ends_sha256" in entry and shard_fingerprint(path) != entry["ends_sha256"]:  # (absent before it existed)
                 raise UserError(f"{path} is not the shard the manifest lists (its first or last bytes differ: replaced "

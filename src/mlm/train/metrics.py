@@ -82,8 +82,9 @@ class StepTally:
 
     def state(self) -> dict:
         """Plain numbers for a checkpoint (one host sync)."""
-        return {"loss_sum": float(self.loss_sum.item()), "losses": int(self.losses.item()),
-                "bad_steps": int(self.bad_steps.item()), "bad_in_row": int(self.bad_in_row.item())}
+        loss_sum, losses, bad_steps, bad_in_row = torch.stack(
+            [self.loss_sum.double(), self.losses.double(), self.bad_steps.double(), self.bad_in_row.double()]).tolist()
+        return {"loss_sum": loss_sum, "losses": int(losses), "bad_steps": int(bad_steps), "bad_in_row": int(bad_in_row)}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
