@@ -12,11 +12,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib.util
-import json
 import math
-import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +26,7 @@ from filelock import FileLock
 from torch import nn
 
 from mlm import dist
-from mlm.config import PretrainConfig, parse_budget, save_config
+from mlm.config import PretrainConfig, save_config
 from mlm.data.loader import BatchLoader
 from mlm.data.masking import MaskingSpec, mask_tokens, masked_count
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
@@ -37,24 +34,22 @@ from mlm.data.stream import Sampler, TokenStream, Windows
 from mlm.errors import UserError
 from mlm.model.build import build_model, count_parameters, fuse_qkv_projections, hf_config, load_model, set_sdpa_backend
 from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
-from mlm.train.checkpoint import (
-    check_checkpoint,
-    checkpoint_dirs,
-    find_checkpoint,
-    newest_good_checkpoint,
-    load_training_state,
-    remove_partial_checkpoints,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from mlm.train.checkpoint import checkpoint_dirs, load_training_state, remove_partial_checkpoints, save_checkpoint
 from mlm.train.autobatch import auto_micro_batch
 from mlm.train.engines import Engine, build_engine, check_deepspeed
 from mlm.train.metrics import MetricsLogger, StepTally
-from mlm.train.run_lock import LOCK_FILE, OWNER_FILE, lock_run_dir
+from mlm.train.run_lock import lock_run_dir
+from mlm.train.budget import fit_to_budget, recorded_budget_fit
+from mlm.train.run_folder import (
+    CONFIG_FILE,
+    check_foreign_checkpoint,
+    check_run_dir,
+    checkpoint_to_resume,
+    recorded_train,
+    truncate_metrics,
+)
 from mlm.train.optim import lr_factor
 
-CONFIG_FILE = "config.json"
 MANY_EPOCHS = 50  # warn above this many passes over the data: likely a corpus far too small for the recipe
 LONG_RUN = datetime.timedelta(days=2)  # warn when the measured speed puts the end further away than this
 
@@ -126,70 +121,6 @@ def resolve_micro_batch(cfg: PretrainConfig, hf_model: nn.Module, per_rank: int,
     return dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, micro_batch=micro))
 
 
-def recipe_differences(config_path: Path, cfg: PretrainConfig) -> list[str]:
-    """The recipe settings (model, data, train) in which the run recorded at config_path differs from cfg."""
-    try:
-        theirs = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{config_path} is not valid JSON ({e}): restore it, or choose another run.out_dir") from None
-    if not isinstance(theirs, dict):
-        raise UserError(f"{config_path} does not hold a run's settings (a JSON object): restore it, or choose "
-                        "another run.out_dir")
-    ours = cfg.recipe()
-    return [
-        f"{section}.{key}"
-        for section in ours
-        for key in ours[section]
-        if not isinstance(theirs.get(section), dict) or theirs[section].get(key) != ours[section][key]
-    ]
-
-
-def check_run_dir(run_dir: Path, cfg: PretrainConfig, checkpoint: Path | None) -> None:
-    """Refuse to mix two runs in one folder, or to silently restart one that has checkpoints; every refusal
-    names the way forward."""
-    config_path = run_dir / CONFIG_FILE
-    checkpoints = checkpoint_dirs(run_dir)
-    if config_path.is_file():
-        differ = recipe_differences(config_path, cfg)
-        if differ and not checkpoints:
-            raise UserError(
-                f"{run_dir} holds a different run (differs in {', '.join(differ)}) that stopped before its first "
-                f"checkpoint: delete that folder (rm -r {run_dir}) or choose another run.out_dir"
-            )
-        if differ:
-            from_weights = f"--model.init_from={checkpoints[-1]} --run.out_dir=NEW_FOLDER"
-            if set(differ) <= {"train.steps", "train.warmup_steps"}:
-                raise UserError(
-                    f"{run_dir} is a run of another length (differs in {', '.join(differ)}); its schedule ends at its "
-                    f"own last step. To train on, start a new run from its weights with a fresh schedule: {from_weights}"
-                )
-            raise UserError(
-                f"{run_dir} already holds a different run (differs in {', '.join(differ)}): choose another "
-                f"run.out_dir, or start a new run from its weights with {from_weights}"
-            )
-        if checkpoints and checkpoint is None:
-            raise UserError(
-                f"{run_dir} already holds checkpoints of this run: pass --resume to continue it, or choose another "
-                "run.out_dir to start over"
-            )
-    elif run_dir.is_dir() and any(p.name not in (LOCK_FILE, OWNER_FILE) for p in run_dir.iterdir()):
-        raise UserError(f"{run_dir} is not empty and holds no mlm run: choose another run.out_dir")
-
-
-def check_foreign_checkpoint(checkpoint: Path, run_dir: Path, cfg: PretrainConfig) -> None:
-    """--resume PATH from another run folder: only a run of the same recipe continues here."""
-    source = checkpoint.resolve().parent
-    if source == run_dir.resolve() or not (source / CONFIG_FILE).is_file():
-        return
-    differ = recipe_differences(source / CONFIG_FILE, cfg)
-    if differ:
-        raise UserError(
-            f"--resume: {checkpoint} belongs to the run in {source}, which differs from this one "
-            f"(run.out_dir={run_dir}) in {', '.join(differ)}: to continue that run, use its config and "
-            f"--run.out_dir={source}; to start this run from its weights, use --model.init_from={checkpoint}"
-        )
-
-
 def model_differences(hf_model: nn.Module, cfg: PretrainConfig, tokenizer) -> list[str]:
     """Where a loaded model differs from the configured one ("hidden_size 128 vs 256": loaded vs config)."""
     expected = hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout)
@@ -259,7 +190,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     run_dir = Path(cfg.run.out_dir)
     cfg = recorded_budget_fit(cfg, run_dir)
     # The main rank reads the checkpoints (every file's checksum); the other ranks take its answer.
-    checkpoint = dist.broadcast_from_main(_checkpoint_to_resume(run_dir, resume, log) if info.is_main else None, info)
+    checkpoint = dist.broadcast_from_main(checkpoint_to_resume(run_dir, resume, log) if info.is_main else None, info)
     if isinstance(checkpoint, UserError):
         raise checkpoint
     check_run_dir(run_dir, cfg, checkpoint)
@@ -346,11 +277,11 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         tally=tally,
     )
     try:
-        if start_step == 0 and cfg.train.budget and cfg.train.budget != _recorded_train(run_dir).get("budget"):
-            fit_to_budget(s, log if info.is_main else lambda _: None)
+        if start_step == 0 and cfg.train.budget and cfg.train.budget != recorded_train(run_dir).get("budget"):
+            fit_to_budget(s, log if info.is_main else lambda _: None, train_step, evaluate)
         if info.is_main:
             save_config(s.cfg, run_dir / CONFIG_FILE)
-            _truncate_metrics(run_dir, start_step)
+            truncate_metrics(run_dir, start_step)
             remove_partial_checkpoints(run_dir)
             _print_arithmetic(s, checkpoint, log)
         dist.barrier(info)
@@ -359,116 +290,6 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
             run_lock.release()
         raise
     return s
-
-
-def _recorded_train(run_dir: Path) -> dict:
-    """The train section recorded in the run folder's config.json ({} if there is none)."""
-    try:
-        train = json.loads((run_dir / CONFIG_FILE).read_text())["train"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return train if isinstance(train, dict) else {}
-
-
-def recorded_budget_fit(cfg: PretrainConfig, run_dir: Path) -> PretrainConfig:
-    """A run folder whose run was fitted to this same train.budget keeps the steps and warm-up fixed then,
-    so a resumed (or requeued) run has the schedule it started with."""
-    recorded = _recorded_train(run_dir)
-    if not cfg.train.budget or recorded.get("budget") != cfg.train.budget:
-        return cfg
-    train = dataclasses.replace(cfg.train, steps=recorded["steps"], warmup_steps=recorded["warmup_steps"])
-    return dataclasses.replace(cfg, train=train)
-
-
-def fit_to_budget(s: Setup, log) -> None:
-    """train.budget: set s.cfg.train.steps to what fits the budget, and scale train.warmup_steps by the same
-    ratio so the schedule (warm-up, then decay to 0) ends where the budget does."""
-    cfg = s.cfg
-    seconds, tokens = parse_budget(cfg.train.budget)
-    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    if tokens is not None:
-        steps = int(tokens // tokens_per_step)
-        how = f"{tokens:,.0f} tokens at {tokens_per_step:,} tokens per step"
-    else:
-        started = time.perf_counter()
-        step_s, eval_s, timed = time_first_steps(s, min_seconds=min(5.0, 0.02 * seconds))
-        remaining = seconds - (time.perf_counter() - started)
-        evals_per_step = eval_s / cfg.eval.every if cfg.eval.every else 0.0
-        # The evaluations at step 0 and at the last step come on top of one every eval.every steps.
-        steps = int((remaining - 2 * eval_s) // (step_s + evals_per_step))
-        how = (f"{remaining:,.0f}s left after timing {timed} steps at {step_s:.3g}s per step"
-               + (f" and {eval_s:.3g}s per evaluation" if eval_s else ""))
-    if steps < 1:
-        raise UserError(f"train.budget={cfg.train.budget} does not fit one step ({how}): give a larger budget")
-    warmup = round(cfg.train.warmup_steps * steps / cfg.train.steps)
-    s.cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, warmup_steps=warmup))
-    log(f"budget {cfg.train.budget}: {how} → train.steps={steps:,}, train.warmup_steps={warmup:,}")
-
-
-def time_first_steps(s: Setup, min_seconds: float) -> tuple[float, float, int]:
-    """(seconds per training step, seconds per evaluation, steps timed), measured on real steps that are
-    then taken back: the model, the optimizer and the random streams are set back to where they were, so
-    the run that follows is the one a fixed train.steps would give. The first step (compilation,
-    allocation) is not counted; the slowest rank's figures count."""
-    saved = s.engine.copy_state()
-    rng = rng_state(s.device)
-    times: list[float] = []
-    started = time.perf_counter()
-    for step in range(50):
-        begin = time.perf_counter()
-        loss, _, _ = train_step(s, step)
-        loss.item()  # wait for the device
-        times.append(time.perf_counter() - begin)
-        if len(times) > 3 and time.perf_counter() - started >= min_seconds:
-            break
-    eval_s = 0.0
-    if s.cfg.eval.every and s.validation is not None:
-        begin = time.perf_counter()
-        evaluate(s)
-        eval_s = time.perf_counter() - begin
-    s.engine.restore_state(saved)
-    set_rng_state(rng, s.device)
-    step_s = sorted(times[1:])[len(times[1:]) // 2]  # the median: robust to a slow outlier
-    step_s, eval_s = dist.max_across_ranks([step_s, eval_s], s.info)
-    return step_s, eval_s, len(times)
-
-
-def _checkpoint_to_resume(run_dir: Path, resume: str | None, log) -> Path | UserError | None:
-    """The checkpoint that --resume asks for, after checking it is sound; or why none can be used."""
-    try:
-        if resume is not None and not resume.strip():  # --resume= : a variable that came out empty, never "no resume"
-            raise UserError("--resume= is empty: give a checkpoint folder, latest (a bare --resume) or auto")
-        if resume == "auto":  # for jobs that may be requeued: continue if there is a checkpoint, else start
-            checkpoint = newest_good_checkpoint(run_dir, log)
-            if checkpoint is None and checkpoint_dirs(run_dir, complete=False):
-                raise UserError(f"every checkpoint in {run_dir} is damaged: restore one, or choose another run.out_dir")
-            return checkpoint
-        return check_checkpoint(find_checkpoint(run_dir if resume == "latest" else resume)) if resume else None
-    except UserError as e:
-        return e
-
-
-def _truncate_metrics(run_dir: Path, start_step: int) -> None:
-    """On resume, drop records a crashed run logged after its last checkpoint, so the log has no repeats;
-    on a fresh start (a run that stopped before its first checkpoint), drop them all."""
-    path = run_dir / "metrics.jsonl"
-    if start_step == 0:
-        path.unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-    elif path.is_file():
-        steps = [(line, _record_step(line)) for line in path.read_text().splitlines()]
-        kept = [line for line, step in steps if step is not None and step <= start_step]
-        tmp = path.with_name(path.name + ".tmp")  # a kill mid-write must not lose the records before the checkpoint
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-
-
-def _record_step(line: str) -> int | None:
-    """The step of one metrics.jsonl record; None for a line cut short (a kill or a full disk mid-write)."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
