@@ -70,12 +70,14 @@ def build_model(config, seed: int) -> nn.Module:
 def load_model(path: str | Path) -> nn.Module:
     from transformers import AutoModelForMaskedLM
 
+    from mlm.model.loading import from_pretrained
+
     if not (Path(path) / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
-    try:  # never trust_remote_code: a checkpoint is data, never code
-        return AutoModelForMaskedLM.from_pretrained(str(path), attn_implementation="sdpa")
-    except (ValueError, OSError, KeyError) as e:  # custom code (auto_map), unknown model type, damaged files
-        raise UserError(f"{path}: cannot load it as a BERT/RoBERTa masked LM without running its code ({first_line(e)})") from None
+    try:  # a checkpoint is data, never code: from_pretrained runs none of it
+        return from_pretrained(AutoModelForMaskedLM, path, "a BERT/RoBERTa masked LM", attn_implementation="sdpa")
+    except (ValueError, OSError, KeyError) as e:  # damaged or missing files
+        raise UserError(f"{path}: cannot load it as a BERT/RoBERTa masked LM ({first_line(e)})") from None
 
 
 def set_sdpa_backend(name: str, device: torch.device) -> None:
