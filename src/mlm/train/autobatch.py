@@ -5,6 +5,10 @@ forward and backward of the uncompiled model on random tokens; the first that ne
 nor leaves too little room for the optimizer state (AdamW's two fp32 moments, created at the first step)
 wins. The uncompiled model needs more activation memory than the compiled one, so what fits here fits
 compiled. On a CPU memory is not what limits the batch: the largest divisor up to CPU_AUTO.
+
+Each rank probes its own device, and ranks can disagree (another job on one card, a card with less memory);
+every rank then takes the smallest micro-batch found, so that all ranks run the same accumulation count (with
+different counts, FSDP's per-micro-batch collectives hang and DeepSpeed's configs differ).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
+from mlm import dist
 from mlm.errors import UserError
 from mlm.model.build import MaskedLMLoss
 
@@ -27,11 +32,35 @@ def divisors_descending(n: int, limit: int) -> list[int]:
 
 
 def auto_micro_batch(hf_model: nn.Module, per_rank: int, seq_len: int, masked_per_seq: int, device: torch.device,
-                     autocast_dtype: torch.dtype | None, log=print) -> int:
-    """The micro-batch for system.micro_batch="auto" (hf_model on `device`, in training mode); the loss
-    head runs on masked_per_seq positions of each sequence, as in training."""
-    if device.type != "cuda":
-        return divisors_descending(per_rank, CPU_AUTO)[0]
+                     autocast_dtype: torch.dtype | None, log=print, info: dist.DistInfo = dist.DistInfo()) -> int:
+    """The micro-batch for system.micro_batch="auto" (hf_model on `device`, in training mode), the same on
+    every rank of `info`: the smallest of the ranks' largest fitting ones. The loss head runs on
+    masked_per_seq positions of each sequence, as in training."""
+    if device.type == "cuda":
+        found = largest_fitting_micro_batch(hf_model, per_rank, seq_len, masked_per_seq, device, autocast_dtype)
+    else:
+        found = divisors_descending(per_rank, CPU_AUTO)[0]
+    # Every rank reaches this collective, one that found nothing (0) included, so none is left waiting.
+    agreed = agreed_micro_batch(found, info)
+    if agreed == 0:
+        raise UserError(f"system.micro_batch=auto: not even one sequence of {seq_len} tokens fits on "
+                        f"{device if found == 0 else 'one of the ranks'}")
+    limit = MAX_AUTO if device.type == "cuda" else CPU_AUTO
+    how = "that fits" if device.type == "cuda" else "on a CPU"
+    log(f"system.micro_batch=auto: {agreed} (the largest divisor of {per_rank} up to {limit} {how}"
+        + (f"; the smallest over {info.world_size} ranks, this rank found {found})" if info.distributed else ")"))
+    return agreed
+
+
+def agreed_micro_batch(found: int, info: dist.DistInfo) -> int:
+    """The smallest of the micro-batches the ranks found (0 if a rank found none), on every rank."""
+    return int(-dist.max_across_ranks([-float(found)], info)[0])
+
+
+def largest_fitting_micro_batch(hf_model: nn.Module, per_rank: int, seq_len: int, masked_per_seq: int,
+                                device: torch.device, autocast_dtype: torch.dtype | None) -> int:
+    """The largest divisor of per_rank up to MAX_AUTO whose forward and backward fit on the GPU with room
+    for the optimizer state, or 0 if none does."""
     loss_model = MaskedLMLoss(hf_model)
     vocab = hf_model.config.vocab_size
     optimizer_bytes = 2 * 4 * sum(p.numel() for p in hf_model.parameters())  # AdamW: exp_avg, exp_avg_sq in fp32
@@ -56,6 +85,5 @@ def auto_micro_batch(hf_model: nn.Module, per_rank: int, seq_len: int, masked_pe
                 hf_model.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
             if fits:
-                log(f"system.micro_batch=auto: {micro} (the largest divisor of {per_rank} up to {MAX_AUTO} that fits)")
                 return micro
-    raise UserError(f"system.micro_batch=auto: not even one sequence of {seq_len} tokens fits on {device}")
+    return 0

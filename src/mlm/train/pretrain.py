@@ -36,6 +36,7 @@ from mlm.model.build import build_model, count_parameters, fuse_qkv_projections,
 from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
 from mlm.train.checkpoint import checkpoint_dirs, load_training_state, remove_partial_checkpoints, save_checkpoint
 from mlm.train.autobatch import auto_micro_batch
+from mlm.train.kernels import kernels_line, model_attention_kernels
 from mlm.train.engines import Engine, build_engine, check_deepspeed
 from mlm.train.metrics import MetricsLogger, StepTally
 from mlm.train.run_lock import lock_run_dir
@@ -112,12 +113,13 @@ def masking_spec(cfg: PretrainConfig, tokenizer) -> MaskingSpec:
 
 
 def resolve_micro_batch(cfg: PretrainConfig, hf_model: nn.Module, per_rank: int, device: torch.device,
-                        bf16: bool, log=print) -> PretrainConfig:
-    """cfg with system.micro_batch="auto" replaced by the micro-batch chosen for this model and device."""
+                        bf16: bool, log=print, info: dist.DistInfo = dist.DistInfo()) -> PretrainConfig:
+    """cfg with system.micro_batch="auto" replaced by the micro-batch chosen for this model and device (the
+    same on every rank of `info`)."""
     if cfg.system.micro_batch != "auto":
         return cfg
     k = cfg.data.seq_len if cfg.data.per_token_masking else masked_count(cfg.data.seq_len, cfg.data.mask_rate)
-    micro = auto_micro_batch(hf_model, per_rank, cfg.data.seq_len, k, device, torch.bfloat16 if bf16 else None, log)
+    micro = auto_micro_batch(hf_model, per_rank, cfg.data.seq_len, k, device, torch.bfloat16 if bf16 else None, log, info)
     return dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, micro_batch=micro))
 
 
@@ -233,7 +235,10 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     hf_model.to(device).train()
     if cfg.system.fused_qkv:
         fuse_qkv_projections(hf_model)
-    cfg = resolve_micro_batch(cfg, hf_model, per_rank, device, bf16, log if info.is_main else lambda _: None)
+    cfg = resolve_micro_batch(cfg, hf_model, per_rank, device, bf16, log if info.is_main else lambda _: None, info)
+    if info.is_main:  # before the engine wraps (shards) the model: the probe is one plain forward
+        log(kernels_line(model_attention_kernels(hf_model, cfg.data.seq_len, device, torch.bfloat16 if bf16 else None),
+                         "training attention, uncompiled"))
     accum = per_rank // cfg.system.micro_batch
     ds_config = None
     if strategy == "deepspeed":
