@@ -37,6 +37,7 @@ from mlm.errors import UserError
 from mlm.model.build import build_model, fuse_qkv_projections, hf_config, set_sdpa_backend, weight_decay_groups
 from mlm.tokenizer import load_tokenizer, tokenizer_family
 from mlm.train.engines import build_engine
+from mlm.train.kernels import kernels_line, sdpa_kernels_taken, versions
 from mlm.train.optim import lr_factor
 from mlm.train.pretrain import (
     Setup,
@@ -264,6 +265,9 @@ def bench(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, baseline: bool =
         )
         ours = time_steps(lambda step: train_step(s, step), device, warmup, steps, tokens_per_step, flops_per_step, peak)
         log(_line("mlm path", ours, cfg.system.micro_batch, device))
+        # One more step, untimed and profiled: the SDPA kernel the (compiled) training step really runs.
+        kernels = sdpa_kernels_taken(lambda: train_step(s, warmup + steps))
+        log(kernels_line(kernels, "a training step" + (", compiled" if s.compiled else "")))
         theirs = None
         if baseline:
             model, optimizer = reference_model(s)
@@ -299,6 +303,8 @@ def bench(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, baseline: bool =
         "steps": steps,
         "warmup": warmup,
         "synthetic": synthetic,
+        "sdpa_kernel": ", ".join(kernels) or None,
+        **versions(),
     }
 
 
