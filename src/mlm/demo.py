@@ -33,6 +33,7 @@ from mlm.data.masking import MaskingSpec, mask_tokens
 from mlm.data.prepare import PrepareConfig, is_validation, prepare, read_manifest
 from mlm.data.stream import TokenStream, Windows
 from mlm.errors import UserError
+from mlm.model.loading import from_pretrained
 from mlm.tokenizer import train_tokenizer
 from mlm.train.metrics import plot_loss_curve, read_metrics
 from mlm.train.pretrain import pretrain
@@ -124,10 +125,9 @@ def _prepare_out_dir(out: Path) -> None:
 
 def save_initial_model(cfg: PretrainConfig, tokenizer, path: Path) -> Path:
     """The model pretraining starts from (same config, same seed): the random-initialisation baseline."""
-    from mlm.model.build import build_model, hf_config, model_positions
+    from mlm.model.build import build_model, model_config, model_positions
 
-    model = build_model(hf_config("roberta", cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout),
-                        cfg.train.seed)
+    model = build_model(model_config(cfg.model, tokenizer), cfg.train.seed)
     model.save_pretrained(str(path))
     tokenizer.model_max_length = model_positions(model.config)
     tokenizer.save_pretrained(str(path))
@@ -165,7 +165,7 @@ def masked_token_accuracy(model_dir: Path, masks: HeldOutMasks) -> dict:
     """Top-1 and top-5 accuracy on the masked held-out tokens, the model loaded by plain transformers."""
     from transformers import AutoModelForMaskedLM
 
-    model = AutoModelForMaskedLM.from_pretrained(str(model_dir)).eval()
+    model = from_pretrained(AutoModelForMaskedLM, model_dir, "a masked LM").eval()
     top1 = top5 = 0
     for rows in torch.arange(len(masks.masked)).split(32):
         logits = model(input_ids=masks.masked[rows]).logits  # (B, T, V)

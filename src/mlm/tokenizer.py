@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -18,10 +18,15 @@ from mlm.atomic import atomic_dir, os_error_behind
 from mlm.config import FAMILIES
 from mlm.errors import UserError, first_line
 from mlm.hub import hub_host, hub_reachable, offline_by_choice
+from mlm.model.loading import from_pretrained
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEFAULT_MODEL_MAX_LENGTH = 512  # the positions of the default model (model.max_positions)
+TRAINING_PIECE_CHARS = 1 << 16
+"""Documents are handed to the tokenizer trainer in pieces of at most this many characters, cut before a
+whitespace character: the trainer holds some 100 bytes per character of a text it splits (one 50 MB line took
+4 GB), and both families' pre-tokenizers split at whitespace anyway, so the words it counts are the same."""
 
 
 def _roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
@@ -77,6 +82,19 @@ def _bert_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
     )
 
 
+def training_pieces(texts: Iterable[str], limit: int = TRAINING_PIECE_CHARS) -> Iterator[str]:
+    """Each text, cut into pieces of at most `limit` characters just before a whitespace character (hard at the
+    limit in a run with none): the trainer counts the same words, in bounded memory."""
+    for text in texts:
+        start = 0
+        while len(text) - start > limit:
+            cut = max(text.rfind(space, start + 1, start + limit) for space in " \n\t")
+            cut = cut if cut > start else start + limit
+            yield text[start:cut]
+            start = cut
+        yield text[start:] if start else text
+
+
 def train_tokenizer(
     texts: Iterable[str], family: str, vocab_size: int, out_dir: str | Path, min_frequency: int = 2,
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
@@ -92,7 +110,7 @@ def train_tokenizer(
     if vocab_size > 2**32 - 1:
         raise UserError(f"vocab_size={vocab_size} is too large")
     build = _roberta_tokenizer if family == "roberta" else _bert_tokenizer
-    tokenizer = build(texts, vocab_size, min_frequency)
+    tokenizer = build(training_pieces(texts), vocab_size, min_frequency)
     tokenizer.model_max_length = model_max_length
     # Byte-level BPE always holds the 256 byte symbols; WordPiece only what it saw.
     if len(tokenizer) <= len(ROBERTA_SPECIALS) + (256 if family == "roberta" else 0):
@@ -163,8 +181,8 @@ def load_tokenizer(name_or_dir: str | Path):
     # No network: the hub library would retry each file for ~25 s; the local cache answers at once.
     cache_only = not looks_local and (offline_by_choice() or not hub_reachable())
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if looks_local else name,
-                                                  local_files_only=cache_only)
+        tokenizer = from_pretrained(AutoTokenizer, str(Path(name).expanduser()) if looks_local else name,
+                                    "a tokenizer", local_files_only=cache_only)
     except (OSError, ValueError) as e:
         if cache_only:
             raise UserError(f"cannot load tokenizer {name!r}: the hub ({hub_host()}) cannot be reached and it is not "

@@ -23,6 +23,7 @@ from mlm.errors import UserError
 from mlm.eval.metrics import compute_metrics
 from mlm.eval.tasks import TaskSpec
 from mlm.model.build import model_positions, weight_decay_groups
+from mlm.model.loading import from_pretrained
 
 
 @dataclass
@@ -156,7 +157,7 @@ def load_config(model_path: str, task: TaskSpec):
 
     _check_model_path(model_path)
     try:
-        config = AutoConfig.from_pretrained(model_path, num_labels=task.num_labels)
+        config = from_pretrained(AutoConfig, model_path, "a model config", num_labels=task.num_labels)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a model config from {model_path}: {str(e).splitlines()[0]}") from None
     if task.label_names:
@@ -171,7 +172,7 @@ def load_tokenizer(model_path: str):
 
     _check_model_path(model_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer = from_pretrained(AutoTokenizer, model_path, "a tokenizer")
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a tokenizer from {model_path}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
@@ -188,9 +189,8 @@ def build_model(model_path: str, config, random_init: bool = False) -> torch.nn.
             model = AutoModelForSequenceClassification.from_config(config)
         else:
             # ignore_mismatched_sizes: a checkpoint already fine-tuned with another label count still loads.
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_path, config=config, ignore_mismatched_sizes=True
-            )
+            model = from_pretrained(AutoModelForSequenceClassification, model_path, "a sequence classifier",
+                                    config=config, ignore_mismatched_sizes=True)
     return model.float()  # fp32 master weights even if the checkpoint was saved in bf16
 
 
