@@ -39,7 +39,10 @@ def corpus_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session", params=["roberta", "bert"])
+FAMILY_NAMES = ["roberta", "bert", "modernbert"]
+
+
+@pytest.fixture(scope="session", params=FAMILY_NAMES)
 def family(request) -> str:
     return request.param
 
@@ -49,7 +52,7 @@ def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tokenizers")
     docs = make_documents(1500)
     dirs = {}
-    for fam in ("roberta", "bert"):
+    for fam in FAMILY_NAMES:
         dirs[fam] = root / fam
         train_tokenizer(docs, fam, 400, dirs[fam])
     return dirs
@@ -63,6 +66,13 @@ def data_dirs(tmp_path_factory, corpus_file, tokenizer_dirs) -> dict[str, Path]:
         dirs[fam] = root / fam
         prepare(PrepareConfig([str(corpus_file)], str(tok), str(dirs[fam]), val_fraction=0.05, workers=1), log=lambda _: None)
     return dirs
+
+
+def hf_config(family: str, size: str, tokenizer, max_positions: int = 512, dropout: float = 0.1):
+    """The transformers config of a family's preset, as `mlm pretrain` builds it."""
+    from mlm.model.build import model_config
+
+    return model_config(ModelConfig(family=family, size=size, max_positions=max_positions, dropout=dropout), tokenizer)
 
 
 def tiny_config(data_dir: Path, out_dir: Path, family: str = "roberta", steps: int = 30, **train) -> PretrainConfig:

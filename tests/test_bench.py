@@ -22,12 +22,12 @@ from mlm.data.loader import BatchLoader
 from mlm.data.masking import IGNORE_INDEX
 from mlm.data.stream import Sampler, SyntheticWindows, TokenStream, Windows
 from mlm.errors import UserError
-from mlm.model.build import MaskedLMLoss, build_model, fuse_qkv_projections, hf_config
+from mlm.model.build import MaskedLMLoss, build_model, install_training_attention
 from mlm.tokenizer import load_tokenizer
 from mlm.train.autobatch import auto_micro_batch
 from mlm.train.pretrain import masked_batch, setup
 
-from conftest import tiny_config
+from conftest import hf_config, tiny_config
 
 ROOT = Path(__file__).parent.parent
 TINY_BENCH = ["--train.global_batch=16", "--system.micro_batch=8", "--data.seq_len=32", "--model.max_positions=64",
@@ -202,7 +202,7 @@ def _batch(data_dirs, family, tmp_path, dropout):
     return masked, positions, labels
 
 
-@pytest.mark.parametrize("fused_qkv", [False, True], ids=["hf-attention", "fused-qkv"])
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["three-matmuls", "fused-qkv"])
 def test_fast_path_loss_and_gradients_equal_the_plain_hf_model(data_dirs, tokenizer_dirs, family, fused_qkv, tmp_path):
     """fp32, dropout 0: MaskedLMLoss (SDPA, head on the masked positions only, with or without the fused QKV
     projection) and HF's own forward (eager attention, head everywhere, labels IGNORE_INDEX elsewhere) give
@@ -210,8 +210,7 @@ def test_fast_path_loss_and_gradients_equal_the_plain_hf_model(data_dirs, tokeni
     masked, positions, labels = _batch(data_dirs, family, tmp_path, dropout=0.0)
     model = _trained_like_model(family, tokenizer_dirs, dropout=0.0)
     plain = _reference_copy(model)
-    if fused_qkv:
-        fuse_qkv_projections(model)
+    install_training_attention(model, fused_qkv)
     ours = MaskedLMLoss(model)(masked, positions, labels)
     ours.backward()
     full_labels = torch.full_like(masked, IGNORE_INDEX).scatter(1, positions, labels)
@@ -259,7 +258,7 @@ def test_fused_qkv_draws_the_same_dropout_and_keeps_the_checkpoint(tokenizer_dir
     labels = ids.gather(1, positions)
     torch.manual_seed(3)
     unfused = MaskedLMLoss(model)(ids, positions, labels)
-    fuse_qkv_projections(model)
+    install_training_attention(model, fused_qkv=True)
     torch.manual_seed(3)
     fused = MaskedLMLoss(model)(ids, positions, labels)
     torch.testing.assert_close(fused, unfused, rtol=1e-6, atol=1e-6)
@@ -270,14 +269,13 @@ def test_fused_qkv_draws_the_same_dropout_and_keeps_the_checkpoint(tokenizer_dir
         assert torch.equal(mine, theirs), name
 
 
-@pytest.mark.parametrize("fused_qkv", [False, True], ids=["hf-attention", "fused-qkv"])
+@pytest.mark.parametrize("fused_qkv", [False, True], ids=["three-matmuls", "fused-qkv"])
 def test_the_training_forward_compiles_as_one_graph(family, fused_qkv):
     """torch.compile's gains need the whole masked-LM forward in one graph: no graph breaks (each break is a
     return to Python and an unfused boundary)."""
     vocab = REFERENCE_VOCABULARIES[family]
     hf_model = build_model(hf_config(family, "tiny", vocab, max_positions=64), seed=0).train()
-    if fused_qkv:
-        fuse_qkv_projections(hf_model)
+    install_training_attention(hf_model, fused_qkv)
     loss_model = MaskedLMLoss(hf_model)
     ids = torch.randint(200, 1000, (2, 32))
     positions = torch.rand(2, 32).topk(5, dim=1).indices

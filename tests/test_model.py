@@ -2,15 +2,17 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from mlm.config import SIZES
-from mlm.model.build import MaskedLMLoss, build_model, hf_config
+from conftest import hf_config
+from mlm.model.build import MaskedLMLoss, build_model
+from mlm.model.families import BERT_SIZES
 from mlm.tokenizer import load_tokenizer
 
 
-@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("size", list(BERT_SIZES))
 def test_presets(tokenizer_dirs, size):
     cfg = hf_config("bert", size, load_tokenizer(tokenizer_dirs["bert"]))
-    layers, hidden = SIZES[size]
+    layers, hidden = {"tiny": (2, 128), "mini": (4, 256), "small": (4, 512), "medium": (8, 512), "base": (12, 768),
+                      "large": (24, 1024)}[size]
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (layers, hidden, 4 * hidden)
     assert cfg.num_attention_heads == max(2, hidden // 64)
 

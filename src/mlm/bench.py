@@ -9,9 +9,11 @@ every position, torch's AdamW, micro-batch 16.
 
 Model FLOPs per trained token (the head counted on the masked positions only, for both paths, so the MFU
 ratio is the tokens/s ratio):
-    6·N + 12·L·d·s + 6·m·(d·V + d²)
-N the encoder's parameters (embeddings and head excluded), L layers, d width, s sequence length, V vocabulary,
-m the fraction of positions the head predicts. MFU divides the achieved FLOP/s by the card's dense bf16 peak.
+    6·N + Σ_layers 12·d·keys + 6·m·(d·V + d²)
+N the encoder layers' parameters (embeddings and head excluded; a GLU's two halves included), d width, keys
+the keys a query attends in that layer (s, the sequence length, for global attention; about 2w + 1 for a
+local window of ± w), V vocabulary, m the fraction of positions the head predicts
+(mlm.model.families.flops_per_token). MFU divides the achieved FLOP/s by the card's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -34,14 +36,24 @@ from mlm.data.masking import IGNORE_INDEX, masked_count
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, SyntheticWindows
 from mlm.errors import UserError
-from mlm.model.build import build_model, fuse_qkv_projections, hf_config, set_sdpa_backend, weight_decay_groups
-from mlm.tokenizer import load_tokenizer, tokenizer_family
+from mlm.model.build import (
+    build_model,
+    check_tokenizer_layout,
+    describe,
+    install_training_attention,
+    model_config,
+    set_sdpa_backend,
+    weight_decay_groups,
+)
+from mlm.model.families import flops_per_token
+from mlm.tokenizer import load_tokenizer
 from mlm.train.engines import build_engine
 from mlm.train.kernels import kernels_line, sdpa_kernels_taken, versions
-from mlm.train.optim import lr_factor
+from mlm.train.optim import learning_rate
 from mlm.train.pretrain import (
     Setup,
     load_data,
+    make_sampler,
     masked_batch,
     masking_spec,
     resolve_device,
@@ -77,7 +89,8 @@ SYNTHETIC_WINDOWS = 1 << 24  # enough distinct windows that no bench revisits on
 @dataclass(frozen=True)
 class ReferenceVocabulary:
     """What the model and masking need to know of a tokenizer, for synthetic tokens: the size and special
-    ids of the reference's tokenizers (roberta-base, bert-base-uncased), so no tokenizer file is needed."""
+    ids of the published tokenizers (roberta-base, bert-base-uncased, answerdotai/ModernBERT-base), so no
+    tokenizer file is needed."""
 
     size: int
     pad_token_id: int
@@ -97,6 +110,8 @@ class ReferenceVocabulary:
 REFERENCE_VOCABULARIES = {
     "roberta": ReferenceVocabulary(50_265, pad_token_id=1, cls_token_id=0, sep_token_id=2, mask_token_id=50_264, unk_token_id=3),
     "bert": ReferenceVocabulary(30_522, pad_token_id=0, cls_token_id=101, sep_token_id=102, mask_token_id=103, unk_token_id=100),
+    "modernbert": ReferenceVocabulary(50_368, pad_token_id=50_283, cls_token_id=50_281, sep_token_id=50_282,
+                                      mask_token_id=50_284, unk_token_id=50_280),
 }
 
 
@@ -120,14 +135,6 @@ def peak_tflops_of(device: torch.device) -> float | None:
     name = torch.cuda.get_device_name(device)
     matches = [key for key in PEAK_BF16_TFLOPS if key in name]
     return PEAK_BF16_TFLOPS[max(matches, key=len)] if matches else None
-
-
-def flops_per_token(hf_model: nn.Module, seq_len: int, head_fraction: float) -> float:
-    """6·N + 12·L·d·s + 6·m·(d·V + d²): training FLOPs per token (forward + backward)."""
-    config = hf_model.config
-    n = sum(p.numel() for p in hf_model.base_model.encoder.parameters())
-    L, d, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    return 6 * n + 12 * L * d * seq_len + 6 * head_fraction * (d * V + d * d)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -175,7 +182,7 @@ def reference_step(s: Setup, model: nn.Module, optimizer: torch.optim.Optimizer,
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps, cfg.train.steps)
+            group["lr"] = learning_rate(step, cfg.train)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -211,23 +218,20 @@ def bench_setup(cfg: PretrainConfig, synthetic: bool, log=print) -> Setup:
         train = SyntheticWindows(SYNTHETIC_WINDOWS, cfg.data.seq_len, len(tokenizer), tokenizer.cls_token_id,
                                  tokenizer.sep_token_id, tuple(tokenizer.all_special_ids))
     else:
-        manifest = read_manifest(cfg.data.data_dir)
-        tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.data_dir) / TOKENIZER_SUBDIR)
-        if tokenizer_family(tokenizer) != cfg.model.family:
-            raise UserError(f"model.family={cfg.model.family} but the tokenizer uses {tokenizer_family(tokenizer)} special tokens")
+        manifest = read_manifest(cfg.data.folders[0])
+        tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.folders[0]) / TOKENIZER_SUBDIR)
+        check_tokenizer_layout(cfg.model.family, tokenizer)
         train, _ = load_data(cfg, manifest, tokenizer)
     if cfg.train.global_batch % (1 if cfg.system.micro_batch == "auto" else cfg.system.micro_batch):
         raise UserError(f"train.global_batch={cfg.train.global_batch} is not a multiple of system.micro_batch={cfg.system.micro_batch}")
     bf16 = wants_bf16(cfg, device)
-    hf_model = build_model(hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout),
-                           cfg.train.seed)
+    hf_model = build_model(model_config(cfg.model, tokenizer), cfg.train.seed)
     hf_model.to(device).train()
-    if cfg.system.fused_qkv:
-        fuse_qkv_projections(hf_model)
+    install_training_attention(hf_model, cfg.system.fused_qkv)
     cfg = resolve_micro_batch(cfg, hf_model, cfg.train.global_batch, device, bf16, log)
     compiled = wants_compile(cfg, device)
     engine = build_engine("ddp", cfg, hf_model, device, info, compiled, torch.bfloat16 if bf16 else None)
-    sampler = Sampler(train.count, cfg.train.global_batch, cfg.train.seed)
+    sampler = make_sampler(cfg, train) if not synthetic else Sampler(train.count, cfg.train.global_batch, cfg.train.seed)
     return Setup(
         cfg=cfg, run_dir=Path(cfg.run.out_dir), info=info, device=device, precision="bf16" if bf16 else "fp32",
         tokenizer=tokenizer, hf_model=hf_model, engine=engine, run_lock=None, train=train, validation=None,
@@ -258,7 +262,7 @@ def bench(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, baseline: bool =
         peak = peak_tflops or peak_tflops_of(device)
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         log(
-            f"bench: {cfg.model.family}-{cfg.model.size}, seq {T}, dropout {cfg.model.dropout}, on {device_name} "
+            f"bench: {describe(s.hf_model.config)}, seq {T}, dropout {cfg.model.dropout}, on {device_name} "
             f"({s.precision}{', compiled ' + cfg.system.compile_mode if s.compiled else ''}), "
             f"global batch {cfg.train.global_batch} = micro_batch {cfg.system.micro_batch} × accumulation {s.accum}; "
             f"{steps} timed steps after {warmup} warm-up; {'synthetic tokens' if synthetic else cfg.data.data_dir}"
@@ -297,7 +301,7 @@ def bench(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, baseline: bool =
         "micro_batch": cfg.system.micro_batch,
         "global_batch": cfg.train.global_batch,
         "seq_len": T,
-        "model": f"{cfg.model.family}-{cfg.model.size}",
+        "model": f"{cfg.model.family}-{cfg.model.size}" if cfg.model.size else describe(s.hf_model.config),
         "dropout": cfg.model.dropout,
         "flops_per_token": flops_per_step / tokens_per_step,
         "steps": steps,

@@ -52,7 +52,7 @@ def _add_tokenizer(subparsers) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--corpus", nargs="+", default=[], help="files, folders, globs, hf:NAME[:CONFIG], or demo")
-    p.add_argument("--family", default="roberta", help="roberta (byte-level BPE) or bert (uncased WordPiece)")
+    p.add_argument("--family", default="roberta", help="roberta (byte-level BPE, <s> … </s>), bert (uncased WordPiece) or modernbert (byte-level BPE, [CLS] … [SEP])")
     p.add_argument("--vocab-size", type=int, default=32_000, help="tokens in the vocabulary, special tokens included")
     p.add_argument("--min-frequency", type=int, default=2, help="ignore merges / words seen fewer times than this")
     p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
@@ -292,7 +292,7 @@ def _run_glue(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(  # the subcommands' parsers are of the same class
         prog="mlm",
-        description="Pretrain BERT- and RoBERTa-family masked language models from scratch and score them on GLUE.",
+        description="Pretrain BERT-, RoBERTa- and ModernBERT-family masked language models and score them on GLUE.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (_add_tokenizer, _add_prepare, _add_pretrain, _add_demo, _add_glue, _add_bench):

@@ -31,49 +31,82 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-FAMILIES = ("roberta", "bert")
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
-# Model size presets, name: (layers, hidden), as Google's BERT miniatures; FFN is 4H and heads H/64 (at least 2).
-SIZES: dict[str, tuple[int, int]] = {
-    "tiny": (2, 128),
-    "mini": (4, 256),
-    "small": (4, 512),
-    "medium": (8, 512),
-    "base": (12, 768),
-    "large": (24, 1024),
-}
+SCHEDULES = ("linear", "cosine", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 
 
 @dataclass
 class ModelConfig:
     family: str = "roberta"
-    """Model family: roberta (byte-level BPE, <s> … </s>) or bert (WordPiece, [CLS] … [SEP])."""
-    size: str = "medium"
-    """Preset: tiny L2/H128, mini L4/H256, small L4/H512, medium L8/H512, base L12/H768, large L24/H1024."""
+    """Model family: roberta (byte-level BPE, <s> … </s>), bert (WordPiece, [CLS] … [SEP]) or modernbert (RoPE,
+    GeGLU, pre-norm, local/global attention; byte-level BPE, [CLS] … [SEP])."""
+    size: str = ""
+    """Preset; empty: the family's default (roberta and bert medium, modernbert base). roberta and bert: tiny L2/H128, mini L4/H256, small L4/H512, medium L8/H512, base L12/H768, large
+    L24/H1024 (FFN 4H, heads H/64). modernbert: tiny L4/H128, 17m L7/H256, 32m L10/H384, 68m L19/H512, base
+    L22/H768, large L28/H1024, 1b L28/H1792 (GLU FFN, heads of 64). Not used with init_from: the model brings its shape."""
+    layers: int = 0
+    """Encoder layers; 0 keeps the preset's."""
+    hidden: int = 0
+    """Width of the hidden states; 0 keeps the preset's."""
+    heads: int = 0
+    """Attention heads (must divide the width); 0 keeps the preset's."""
+    intermediate: int = 0
+    """Feed-forward width (modernbert: of each GLU half); 0 keeps the preset's."""
     dropout: float = 0.1
-    """Dropout on hidden states and attention probabilities."""
+    """Dropout on hidden states and attention probabilities (modernbert: on embeddings, attention and MLP)."""
     max_positions: int = 512
-    """Position embeddings: the longest sequence the model can ever take (data.seq_len may be shorter)."""
+    """The longest sequence the model can ever take (data.seq_len may be shorter). modernbert's positions are
+    rotary: a later phase (init_from) may raise them, e.g. 1,024 → 8,192."""
+    rope_theta: float = 0.0
+    """modernbert: RoPE θ of the global-attention layers (local layers keep 10,000); 0 keeps 160,000, or the
+    init_from model's. A context-extension phase raises it with max_positions."""
     init_from: str = ""
-    """Start from these weights (an HF checkpoint directory), e.g. a 512-token phase after a 128-token phase."""
+    """Start from these weights: a checkpoint folder or a hub name (roberta-base, answerdotai/ModernBERT-base)
+    of a family mlm trains. Its shape, positions and vocabulary come with it; model.family and model.size are
+    not used; dropout is set anew."""
 
     def __post_init__(self) -> None:
+        from mlm.model.families import FAMILIES
+
         if self.family not in FAMILIES:
             raise UserError(f"model.family: unknown family {self.family!r} (choose {', '.join(FAMILIES)})")
-        if self.size not in SIZES:
-            raise UserError(f"model.size: unknown size {self.size!r} (choose {', '.join(SIZES)})")
+        sizes = FAMILIES[self.family].sizes
+        if not self.init_from:  # an init_from model brings its shape: an empty size stays empty
+            self.size = self.size or FAMILIES[self.family].default_size
+        if self.size and self.size not in sizes:
+            raise UserError(f"model.size: unknown {self.family} size {self.size!r} (choose {', '.join(sizes)})")
+        for name in ("layers", "hidden", "heads", "intermediate"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1_000_000:
+                raise UserError(f"model.{name} must be positive (0 keeps the preset's), got {value}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.rope_theta) and 0 <= self.rope_theta <= FLOAT32_MAX):
+            raise UserError(f"model.rope_theta must be a positive number (0 keeps the default), got {self.rope_theta}")
+        if self.rope_theta and self.family != "modernbert" and not self.init_from:
+            raise UserError(f"model.rope_theta is for rotary positions (modernbert); model.family={self.family} "
+                            "has a position table")
+        if self.max_positions < 8:
+            raise UserError(f"model.max_positions must be at least 8, got {self.max_positions}")
 
 
 @dataclass
 class DataConfig:
     data_dir: str = "data"
-    """Folder written by `mlm prepare` (manifest.json + token shards)."""
+    """Folder written by `mlm prepare` (manifest.json + token shards); with data.sources, leave it unset."""
+    sources: dict[str, float] = field(default_factory=dict)
+    """Train on several folders written by `mlm prepare` instead of data_dir, each with a weight: a [data.sources]
+    table of folder = weight, or --data.sources='{"data/wiki" = 1, "data/books" = 3}'. Every step's global batch
+    takes from each folder its exact share of the weights (largest remainder of weight / total × train.global_batch,
+    the same every step), in its own seeded order and epochs; every folder must be prepared with the same
+    tokenizer. Validation splits eval.sequences equally between the folders: val_loss/<folder name> is each
+    folder's loss, and val_loss the mean over all the sequences evaluated (not weighted by data.sources)."""
     tokenizer: str = ""
-    """Tokenizer directory or hub name; empty = the copy `mlm prepare` saved in data_dir/tokenizer."""
+    """Tokenizer directory or hub name; empty = the copy `mlm prepare` saved in data_dir/tokenizer (with
+    data.sources, in the first of the folders sorted by path)."""
     seq_len: int = 512
     """Tokens per training sequence, special tokens included."""
     mask_rate: float = 0.15
@@ -84,10 +117,34 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.data_dir.strip():
             raise UserError("data.data_dir is empty: name the folder `mlm prepare` wrote")
+        if self.sources:
+            self._check_sources()
         if self.seq_len < 8:
             raise UserError(f"data.seq_len must be at least 8, got {self.seq_len}")
         if not 0.0 < self.mask_rate < 1.0:
             raise UserError(f"data.mask_rate must be in (0, 1), got {self.mask_rate}")
+
+    def _check_sources(self) -> None:
+        if self.data_dir != DataConfig.data_dir:  # the default: the one spelling of "not set" a dataclass has
+            raise UserError(f"data.data_dir={self.data_dir} and data.sources are both set: list every folder in "
+                            "data.sources (data.data_dir is the spelling for one folder)")
+        names: dict[str, str] = {}
+        for folder, weight in self.sources.items():
+            name = Path(folder).name
+            if not folder.strip() or name in ("", ".."):
+                raise UserError(f"data.sources: {folder!r} names no folder of its own: give its path (e.g. data/wiki)")
+            if not (math.isfinite(weight) and weight > 0):
+                raise UserError(f"data.sources: the weight of {folder} must be a positive finite number, got {weight}")
+            if name in names:  # val_loss/<name> would hold two folders' losses
+                raise UserError(f"data.sources: {names[name]} and {folder} are both named {name!r}, and each "
+                                f"folder's validation loss is logged as val_loss/<folder name>: rename one")
+            names[name] = folder
+
+    @property
+    def folders(self) -> list[str]:
+        """The prepared folders trained on: data.sources' sorted by path (so that the order of the table never
+        changes which windows a step takes), or data.data_dir alone."""
+        return sorted(self.sources) if self.sources else [self.data_dir]
 
 
 @dataclass
@@ -99,7 +156,17 @@ class TrainConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     warmup_steps: int = 1800
-    """Linear warm-up from 0 to lr; then linear decay to 0 at `steps`."""
+    """Linear warm-up from 0 to lr over these first steps, under every schedule."""
+    schedule: str = "linear"
+    """After the warm-up: linear (decay to min_lr at `steps`, the reference), cosine (half a cosine to min_lr
+    at `steps`) or wsd (warm-up, stable at lr, then decay to min_lr over the last decay_steps steps; such a
+    run can grow or branch a decay until its decay begins)."""
+    decay_steps: int = 0
+    """wsd only: the last steps of the run, over which the rate decays from lr to min_lr."""
+    decay_shape: str = "linear"
+    """wsd only: the decay's shape, linear or 1-sqrt (lr × (1 − sqrt(fraction of the decay done)), ModernBERT's)."""
+    min_lr: float = 0.0
+    """The learning rate every schedule decays to at `steps`; 0 ends at 0, as the reference."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     """AdamW betas."""
     eps: float = 1e-6
@@ -128,7 +195,7 @@ class TrainConfig:
         for name in ("steps", "global_batch"):
             if getattr(self, name) < 1:
                 raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "eps", "weight_decay", "grad_clip"):  # nan compares false to everything: say so
+        for name in ("lr", "eps", "weight_decay", "grad_clip", "min_lr"):  # nan compares false to everything: say so
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise UserError(f"train.{name} must be a finite number, got {value}")
@@ -136,6 +203,7 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be at most {FLOAT32_MAX:.3g} (a float32), got {value:g}")
         if self.lr <= 0:
             raise UserError(f"train.lr must be positive, got {self.lr}")
+        self._check_schedule()
         if self.max_bad_steps < 0:
             raise UserError(f"train.max_bad_steps must be >= 0, got {self.max_bad_steps}")
         if self.seed < 0:
@@ -151,6 +219,28 @@ class TrainConfig:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.eps <= 0:
             raise UserError(f"train.eps must be positive, got {self.eps}")
+
+    def _check_schedule(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"train.schedule: unknown schedule {self.schedule!r} (choose {', '.join(SCHEDULES)})")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise UserError(f"train.decay_shape: unknown shape {self.decay_shape!r} (choose {', '.join(DECAY_SHAPES)})")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"train.min_lr must be in [0, train.lr={self.lr:g}], got {self.min_lr:g}")
+        if self.decay_steps < 0:
+            raise UserError(f"train.decay_steps must be >= 0, got {self.decay_steps}")
+        if self.schedule != "wsd":  # set but unused would be a silent surprise
+            for name, unset in (("decay_steps", 0), ("decay_shape", "linear")):
+                if getattr(self, name) != unset:
+                    raise UserError(f"train.{name} applies to train.schedule=wsd only (this run's is {self.schedule}): "
+                                    f"add --train.schedule=wsd or leave train.{name} out")
+            return
+        if self.decay_steps < 1:
+            raise UserError("train.schedule=wsd needs train.decay_steps: the last steps, over which the rate decays "
+                            "to train.min_lr (commonly a tenth to a fifth of train.steps)")
+        if self.warmup_steps + self.decay_steps > self.steps:
+            raise UserError(f"train.warmup_steps + train.decay_steps = {self.warmup_steps} + {self.decay_steps} is "
+                            f"more than train.steps={self.steps}: the decay would begin before the warm-up ends")
 
 
 def is_device_name(name: str) -> bool:
@@ -335,7 +425,8 @@ class PretrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.data.seq_len > self.model.max_positions:
+        # An init_from model brings its positions: checked against them when it is loaded.
+        if self.data.seq_len > self.model.max_positions and not self.model.init_from:
             raise UserError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_positions={self.model.max_positions}"
             )
@@ -374,6 +465,12 @@ def _coerce(value, hint, key: str):
         (item,) = typing.get_args(hint)
         if isinstance(value, list):
             return [_coerce(v, item, key) for v in value]
+    elif origin is dict:  # a TOML table, e.g. data.sources: {"data/wiki" = 1, "data/books" = 3}
+        key_type, value_type = typing.get_args(hint)
+        if isinstance(value, dict):
+            return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key} {k!r}") for k, v in value.items()}
+        raise UserError(f"{key}: expected a table of {key_type.__name__} = {value_type.__name__} "
+                        f"(e.g. {{\"data/wiki\" = 1, \"data/books\" = 3}}), got {value!r}")
     type_name = getattr(hint, "__name__", str(hint))
     raise UserError(f"{key}: expected {type_name}, got {value!r}")
 

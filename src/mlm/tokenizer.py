@@ -2,7 +2,9 @@
 
 RoBERTa family: byte-level BPE with `<s> <pad> </s> <unk> <mask>` (ids 0..4, as in roberta-base).
 BERT family: uncased WordPiece with `[PAD] [UNK] [CLS] [SEP] [MASK]`.
-Both are saved as Hugging Face tokenizer directories that `AutoTokenizer.from_pretrained(dir)` loads.
+ModernBERT family: cased byte-level BPE with ModernBERT's `[PAD] [UNK] [CLS] [SEP] [MASK]` and its
+`[CLS] … [SEP]` template; no token type ids (ModernBERT has no segment embeddings).
+All are saved as Hugging Face tokenizer directories that `AutoTokenizer.from_pretrained(dir)` loads.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Iterable, Iterator
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mlm.atomic import atomic_dir, os_error_behind
-from mlm.config import FAMILIES
 from mlm.errors import UserError, first_line
 from mlm.hub import hub_host, hub_reachable, offline_by_choice
 from mlm.model.loading import from_pretrained
@@ -58,6 +59,36 @@ def _roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int
     )
 
 
+def _modernbert_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # [MASK] swallows the space before it, as in ModernBERT's own tokenizer.
+    specials = BERT_SPECIALS[:-1] + [AddedToken("[MASK]", lstrip=True, special=True)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
 def _bert_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
     from transformers import BertTokenizerFast
 
@@ -95,6 +126,10 @@ def training_pieces(texts: Iterable[str], limit: int = TRAINING_PIECE_CHARS) -> 
         yield text[start:] if start else text
 
 
+TOKENIZER_BUILDERS = {"bpe-roberta": _roberta_tokenizer, "wordpiece": _bert_tokenizer, "bpe-bert": _modernbert_tokenizer}
+"""Family.tokenizer_kind → (texts, vocab_size, min_frequency) → an untrained-on-disk tokenizer."""
+
+
 def train_tokenizer(
     texts: Iterable[str], family: str, vocab_size: int, out_dir: str | Path, min_frequency: int = 2,
     model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
@@ -103,6 +138,8 @@ def train_tokenizer(
 
     `model_max_length` is what `truncation=True` cuts inputs to: the positions of the model it serves
     (checkpoints set their own model's)."""
+    from mlm.model.families import FAMILIES
+
     if family not in FAMILIES:
         raise UserError(f"unknown model family {family!r}: choose one of {', '.join(FAMILIES)}")
     if vocab_size < 300:

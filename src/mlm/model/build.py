@@ -1,62 +1,62 @@
-"""Model presets and construction.
+"""Model construction: a family's config from a preset and overrides, a fresh or loaded model, and the
+training forward.
 
-The model is Hugging Face's own BertForMaskedLM / RobertaForMaskedLM, so a checkpoint is a plain HF
+The model is Hugging Face's own masked LM of its family (mlm.model.families), so a checkpoint is a plain HF
 checkpoint with no adapter. Training calls it through `MaskedLMLoss`, a different forward that runs the
-prediction head only on the masked positions (about 15% of the tokens), which saves most of the head's
-compute and memory at 30k+ vocabularies. The model knows nothing of distribution; engines wrap it.
+prediction head only on the masked positions (15–30% of the tokens) with static shapes, which saves most of
+the head's compute and memory at 30k+ vocabularies. The model knows nothing of distribution; engines wrap it.
 """
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlm.config import SIZES
 from mlm.errors import UserError, first_line
+from mlm.model.families import FAMILIES, Family, Shape, family_of, positions_of, shape_of
 
 
 def model_positions(config) -> int:
-    """The longest input the model takes: its position table, less RoBERTa's two padding-offset slots."""
-    limit = config.max_position_embeddings
-    if "roberta" in config.model_type or "camembert" in config.model_type:
-        limit -= 2  # RoBERTa positions start after the padding index
-    return limit
+    """The longest input the model takes: its position limit, less RoBERTa's two padding-offset slots."""
+    return positions_of(config)
 
 
-def hf_config(family: str, size: str, tokenizer, max_positions: int = 512, dropout: float = 0.1):
-    """The transformers config of a preset, with the tokenizer's vocabulary and special ids."""
-    from transformers import BertConfig, RobertaConfig
-
-    if size not in SIZES:
-        raise UserError(f"unknown model size {size!r} (choose {', '.join(SIZES)})")
-    layers, hidden = SIZES[size]
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=max(2, hidden // 64),
-        intermediate_size=4 * hidden,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        pad_token_id=tokenizer.pad_token_id,
+def preset_shape(model_cfg) -> Shape:
+    """model.size's preset of model.family, with model.layers/hidden/heads/intermediate where they are set."""
+    family = FAMILIES[model_cfg.family]
+    base = family.sizes[model_cfg.size]
+    shape = Shape(
+        layers=model_cfg.layers or base.layers,
+        hidden=model_cfg.hidden or base.hidden,
+        heads=model_cfg.heads or base.heads,
+        intermediate=model_cfg.intermediate or base.intermediate,
     )
-    if family == "roberta":
-        # RoBERTa numbers positions from padding_idx + 1, so it needs 2 more position embeddings.
-        return RobertaConfig(
-            **common,
-            max_position_embeddings=max_positions + 2,
-            type_vocab_size=1,
-            bos_token_id=tokenizer.cls_token_id,
-            eos_token_id=tokenizer.sep_token_id,
-            layer_norm_eps=1e-5,
-        )
-    if family == "bert":
-        return BertConfig(**common, max_position_embeddings=max_positions, type_vocab_size=2)
-    raise UserError(f"unknown model family {family!r} (choose roberta, bert)")
+    if shape.hidden % shape.heads:
+        raise UserError(f"model.heads={shape.heads} does not divide model.hidden={shape.hidden}: each head gets "
+                        "hidden / heads dimensions")
+    if (shape.hidden // shape.heads) % 2 and family.rotary:
+        raise UserError(f"model.hidden / model.heads = {shape.hidden // shape.heads} is odd: rotary positions "
+                        "rotate pairs of dimensions")
+    return shape
+
+
+def model_config(model_cfg, tokenizer):
+    """The transformers config of model.family at the configured shape, with the tokenizer's vocabulary and
+    special ids."""
+    family = FAMILIES[model_cfg.family]
+    return family.make_config(preset_shape(model_cfg), tokenizer, model_cfg.max_positions, model_cfg.dropout,
+                              model_cfg.rope_theta)
+
+
+def describe(config) -> str:
+    """One line of a model's shape: "modernbert L22/H768, 12 heads, FFN 1152, 8192 positions, vocabulary 50368"."""
+    family = family_of(config)
+    shape = shape_of(config)
+    return (f"{family.name if family else config.model_type} L{shape.layers}/H{shape.hidden}, {shape.heads} heads, "
+            f"FFN {shape.intermediate}, {positions_of(config)} positions, vocabulary {config.vocab_size:,}")
 
 
 def build_model(config, seed: int) -> nn.Module:
@@ -67,17 +67,66 @@ def build_model(config, seed: int) -> nn.Module:
     return AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
 
 
-def load_model(path: str | Path) -> nn.Module:
+def check_tokenizer_layout(family_name: str, tokenizer) -> None:
+    """The tokenizer must use the family's special-token layout (<s> … </s> or [CLS] … [SEP])."""
+    from mlm.tokenizer import tokenizer_family
+
+    layout = tokenizer_family(tokenizer)
+    if layout != FAMILIES[family_name].tokenizer_layout:
+        raise UserError(f"model.family={family_name} but the tokenizer uses {layout} special tokens")
+
+
+def families_line() -> str:
+    return ", ".join(FAMILIES)
+
+
+def load_config(name: str | Path):
+    """The transformers config of a checkpoint folder or hub name; its family must be one mlm trains.
+    Offline, a hub name is read from the local cache at once."""
+    from transformers import AutoConfig
+
+    from mlm.hub import hub_host, hub_reachable, offline_by_choice
+    from mlm.model.loading import from_pretrained
+
+    name = str(name)
+    local = Path(name).expanduser()
+    looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local and not (local / "config.json").is_file():
+        raise UserError(f"{name} is not a Hugging Face checkpoint (no config.json)")
+    cache_only = not looks_local and (offline_by_choice() or not hub_reachable())
+    try:
+        config = from_pretrained(AutoConfig, str(local) if looks_local else name, "a model",
+                                 local_files_only=cache_only)
+    except (ValueError, OSError, KeyError) as e:
+        if cache_only:
+            raise UserError(f"cannot load model {name!r}: the hub ({hub_host()}) cannot be reached and it is not in "
+                            "the local cache; give a checkpoint folder, or run where the hub can be reached") from None
+        raise UserError(f"cannot load model {name!r}: {first_line(e)}") from None
+    if family_of(config) is None:
+        raise UserError(f"{name} is a {config.model_type!r} model; mlm trains the families {families_line()}")
+    return config
+
+
+def load_model(name: str | Path, config=None) -> nn.Module:
+    """A masked LM from a checkpoint folder or hub name (with `config` in place of its own, e.g. a new dropout)."""
     from transformers import AutoModelForMaskedLM
 
     from mlm.model.loading import from_pretrained
 
-    if not (Path(path) / "config.json").is_file():
-        raise UserError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    config = config if config is not None else load_config(name)
+    local = Path(str(name)).expanduser()
+    source = str(local) if (local / "config.json").is_file() else str(name)
     try:  # a checkpoint is data, never code: from_pretrained runs none of it
-        return from_pretrained(AutoModelForMaskedLM, path, "a BERT/RoBERTa masked LM", attn_implementation="sdpa")
+        return from_pretrained(AutoModelForMaskedLM, source, "a masked LM", config=config, attn_implementation="sdpa",
+                               local_files_only=not local.is_dir() and not _hub_online())
     except (ValueError, OSError, KeyError) as e:  # damaged or missing files
-        raise UserError(f"{path}: cannot load it as a BERT/RoBERTa masked LM ({first_line(e)})") from None
+        raise UserError(f"{name}: cannot load it as a masked LM ({first_line(e)})") from None
+
+
+def _hub_online() -> bool:
+    from mlm.hub import hub_reachable, offline_by_choice
+
+    return not offline_by_choice() and hub_reachable()
 
 
 def set_sdpa_backend(name: str, device: torch.device) -> None:
@@ -91,28 +140,13 @@ def set_sdpa_backend(name: str, device: torch.device) -> None:
     torch.backends.cuda.enable_math_sdp(name == "math")
 
 
-def fuse_qkv_projections(hf_model: nn.Module) -> None:
-    """system.fused_qkv: every self-attention layer computes its query, key and value in one matmul.
-
-    The weights stay HF's three `query`/`key`/`value` Linear layers (checkpoints, engines and export see
-    the same names and tensors); each forward concatenates them (3·d² values, small beside the activations)
-    and runs one (tokens × d) · (d × 3d) matmul instead of three. Training only: the new forward takes no
-    cache and returns no attention probabilities."""
-    for layer in hf_model.base_model.encoder.layer:
-        attention = layer.attention.self
-        attention.forward = types.MethodType(_fused_qkv_attention, attention)
-
-
-def _fused_qkv_attention(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **_):
-    """BertSelfAttention/RobertaSelfAttention.forward with one QKV matmul; SDPA as in HF's "sdpa" path."""
-    batch, length, _width = hidden_states.shape
-    weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-    bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-    qkv = F.linear(hidden_states, weight, bias).view(batch, length, 3, self.num_attention_heads, self.attention_head_size)
-    query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head size)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                         dropout_p=self.dropout.p if self.training else 0.0, scale=self.scaling)
-    return out.transpose(1, 2).reshape(batch, length, -1), None
+def install_training_attention(hf_model: nn.Module, fused_qkv: bool = True) -> None:
+    """Every attention layer runs mlm's training forward: no mask (training windows are never padded, and a
+    mask keeps SDPA off its flash kernel), one QKV matmul where system.fused_qkv asks (BERT and RoBERTa keep
+    HF's three query/key/value weights; ModernBERT has one already), and local layers that skip the blocks
+    outside their window. Training only: the new forward takes no padding mask, no cache, and returns no
+    attention probabilities. Checkpoints, engines and export see HF's parameter names and tensors."""
+    family_of(hf_model.config).install_training_attention(hf_model, fused_qkv)
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -135,16 +169,17 @@ class MaskedLMLoss(nn.Module):
         # The HF model is the only submodule, so every parameter has one name ("hf_model.…") for the
         # engines that shard or checkpoint by name.
         self.hf_model = hf_model
+        self.family: Family = family_of(hf_model.config)
 
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T), positions (B, K) → the prediction head's logits at those positions (B, K, V)."""
-        # Sequences are full windows, never padded, so no attention mask is needed (and SDPA takes its fast path).
-        hidden = self.hf_model.base_model(input_ids=input_ids).last_hidden_state  # (B, T, H)
+        # Sequences are full windows, never padded: the training attention takes no mask (SDPA's fast path).
+        hidden = self.hf_model.base_model(input_ids=input_ids, **self.family.encoder_kwargs).last_hidden_state  # (B, T, H)
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.size(-1))  # (B, K, H)
         picked = hidden.gather(1, index)  # (B, K, H)
-        # BertForMaskedLM calls its head `cls`, RobertaForMaskedLM `lm_head`; both map (…, H) → (…, V).
-        head = self.hf_model.cls if hasattr(self.hf_model, "cls") else self.hf_model.lm_head
-        return head(picked)
+        # The family's head: BERT's `cls`, RoBERTa's `lm_head`, ModernBERT's `head` then `decoder`: (…, H) → (…, V).
+        # On the K picked positions only: static shapes, unlike HF's sparse_prediction (data-dependent).
+        return self.family.head(self.hf_model)(picked)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T), positions (B, K), labels (B, K) → mean cross-entropy over labelled positions."""

@@ -32,24 +32,31 @@ from mlm.data.masking import MaskingSpec, mask_tokens, masked_count
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, TokenStream, Windows
 from mlm.errors import UserError
-from mlm.model.build import build_model, count_parameters, fuse_qkv_projections, hf_config, load_model, set_sdpa_backend
-from mlm.tokenizer import load_tokenizer, tokenizer_family, tokenizer_fingerprint
+from mlm.model.build import check_tokenizer_layout, count_parameters, describe, install_training_attention, set_sdpa_backend
+from mlm.model.start import initial_model, resolve_init_from
+from mlm.tokenizer import load_tokenizer, tokenizer_fingerprint
 from mlm.train.checkpoint import checkpoint_dirs, load_training_state, remove_partial_checkpoints, save_checkpoint
 from mlm.train.autobatch import auto_micro_batch
 from mlm.train.kernels import kernels_line, model_attention_kernels
 from mlm.train.engines import Engine, build_engine, check_deepspeed
 from mlm.train.metrics import MetricsLogger, StepTally
 from mlm.train.run_lock import lock_run_dir
-from mlm.train.budget import fit_to_budget, recorded_budget_fit
+from mlm.config import parse_budget
+from mlm.train.budget import BudgetPlan, budget_report, fit_to_budget, fit_token_budget, recorded_budget_fit
+from mlm.train.metrics import plot_loss_curve, read_metrics
 from mlm.train.run_folder import (
     CONFIG_FILE,
+    RunFinished,
     check_foreign_checkpoint,
+    check_not_finished,
     check_run_dir,
     checkpoint_to_resume,
+    end_of_run_line,
     recorded_train,
+    remove_new_run_dir,
     truncate_metrics,
 )
-from mlm.train.optim import lr_factor
+from mlm.train.optim import learning_rate
 
 MANY_EPOCHS = 50  # warn above this many passes over the data: likely a corpus far too small for the recipe
 LONG_RUN = datetime.timedelta(days=2)  # warn when the measured speed puts the end further away than this
@@ -82,6 +89,8 @@ class Setup:
     compiled: bool
     tally: dict = dataclasses.field(default_factory=dict)
     """The checkpoint's StepTally.state(): losses and bad steps since the last logged step before start_step."""
+    budget: BudgetPlan | None = None
+    """What a time budget fixed the steps from, when this process fixed them (for the end-of-run line)."""
 
 
 def resolve_device(name: str, info: dist.DistInfo) -> torch.device:
@@ -123,37 +132,6 @@ def resolve_micro_batch(cfg: PretrainConfig, hf_model: nn.Module, per_rank: int,
     return dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, micro_batch=micro))
 
 
-def model_differences(hf_model: nn.Module, cfg: PretrainConfig, tokenizer) -> list[str]:
-    """Where a loaded model differs from the configured one ("hidden_size 128 vs 256": loaded vs config)."""
-    expected = hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout)
-    keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings", "hidden_dropout_prob", "attention_probs_dropout_prob")
-    return [f"{k} {getattr(hf_model.config, k, None)} vs {getattr(expected, k)}" for k in keys
-            if getattr(hf_model.config, k, None) != getattr(expected, k)]
-
-
-def check_resumed_model(hf_model: nn.Module, checkpoint: Path, cfg: PretrainConfig, tokenizer) -> None:
-    """The checkpoint's model must be the configured one, or the run's config.json would record another."""
-    differ = model_differences(hf_model, cfg, tokenizer)
-    if differ:
-        raise UserError(
-            f"--resume: the model in {checkpoint} is not the configured one ({'; '.join(differ)}, checkpoint vs "
-            f"config): resume with the recipe that made it, or start a new run from its weights with "
-            f"--model.init_from={checkpoint}"
-        )
-
-
-def check_initial_model(hf_model: nn.Module, cfg: PretrainConfig, tokenizer) -> None:
-    """model.init_from's model must be the configured one: its weights fix the shape, and the run's config.json
-    would otherwise record a model that was not trained."""
-    differ = model_differences(hf_model, cfg, tokenizer)
-    if differ:
-        raise UserError(
-            f"model.init_from: the model in {cfg.model.init_from} is not the configured one ({'; '.join(differ)}, "
-            "its vs config): set model.family, model.size, model.max_positions and model.dropout to match it"
-        )
-
-
 def load_data(cfg: PretrainConfig, manifest: dict, tokenizer) -> tuple[Windows, Windows | None]:
     if manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise UserError(
@@ -190,7 +168,11 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     if cfg.run.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("run.wandb is on but the wandb package is not installed (pip install wandb)")
     run_dir = Path(cfg.run.out_dir)
+    cfg = resolve_init_from(cfg, log if info.is_main else lambda _: None)  # its shape, before the run folder is compared
     cfg = recorded_budget_fit(cfg, run_dir)
+    new_budget = bool(cfg.train.budget) and cfg.train.budget != recorded_train(run_dir).get("budget")
+    if new_budget:  # tokens fix the steps by arithmetic, before anything is written
+        cfg = fit_token_budget(cfg, log if info.is_main else lambda _: None)
     # The main rank reads the checkpoints (every file's checksum); the other ranks take its answer.
     checkpoint = dist.broadcast_from_main(checkpoint_to_resume(run_dir, resume, log) if info.is_main else None, info)
     if isinstance(checkpoint, UserError):
@@ -201,10 +183,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
 
     manifest = read_manifest(cfg.data.data_dir)  # first: the default tokenizer lives in the data folder
     tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.data_dir) / TOKENIZER_SUBDIR)
-    if tokenizer_family(tokenizer) != cfg.model.family:
-        raise UserError(
-            f"model.family={cfg.model.family} but the tokenizer uses {tokenizer_family(tokenizer)} special tokens"
-        )
+    check_tokenizer_layout(cfg.model.family, tokenizer)
     train, validation = load_data(cfg, manifest, tokenizer)
 
     per_rank, remainder = divmod(cfg.train.global_batch, info.world_size)
@@ -215,26 +194,9 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         )
     bf16 = wants_bf16(cfg, device)
 
-    if checkpoint is not None:
-        hf_model = load_model(checkpoint)
-        check_resumed_model(hf_model, checkpoint, cfg, tokenizer)
-    elif cfg.model.init_from:
-        hf_model = load_model(cfg.model.init_from)
-        check_initial_model(hf_model, cfg, tokenizer)
-    else:
-        hf_model = build_model(
-            hf_config(cfg.model.family, cfg.model.size, tokenizer, cfg.model.max_positions, cfg.model.dropout),
-            cfg.train.seed,
-        )
-    if hf_model.config.vocab_size < len(tokenizer):
-        raise UserError(f"the model's vocabulary ({hf_model.config.vocab_size}) is smaller than the tokenizer's ({len(tokenizer)})")
-    # RoBERTa spends two position embeddings on its padding offset.
-    max_len = hf_model.config.max_position_embeddings - (2 if cfg.model.family == "roberta" else 0)
-    if cfg.data.seq_len > max_len:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {max_len} positions")
+    hf_model = initial_model(cfg, tokenizer, checkpoint, log if info.is_main else lambda _: None)
     hf_model.to(device).train()
-    if cfg.system.fused_qkv:
-        fuse_qkv_projections(hf_model)
+    install_training_attention(hf_model, cfg.system.fused_qkv)
     cfg = resolve_micro_batch(cfg, hf_model, per_rank, device, bf16, log if info.is_main else lambda _: None, info)
     if info.is_main:  # before the engine wraps (shards) the model: the probe is one plain forward
         log(kernels_line(model_attention_kernels(hf_model, cfg.data.seq_len, device, torch.bfloat16 if bf16 else None),
@@ -250,12 +212,15 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     autocast_dtype = torch.bfloat16 if bf16 and strategy != "deepspeed" else None
     engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)
     start_step, tally = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else (0, {})
+    if checkpoint is not None:
+        check_not_finished(run_dir, checkpoint, start_step, cfg)
     sampler = Sampler(train.count, cfg.train.global_batch, cfg.train.seed)
     # Damaged data (token ids beyond the vocabulary) fails here, before the run folder changes; a shard damaged
     # further on fails at its step with the same one-line error.
     train.batch(sampler.rank_batch_ids(start_step, info.rank, info.world_size))
 
     run_lock = None
+    created = info.is_main and not run_dir.exists()  # a run that fails in setup removes the folder it made
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         run_lock = lock_run_dir(run_dir)  # before anything in the folder changes
@@ -282,8 +247,8 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
         tally=tally,
     )
     try:
-        if start_step == 0 and cfg.train.budget and cfg.train.budget != recorded_train(run_dir).get("budget"):
-            fit_to_budget(s, log if info.is_main else lambda _: None, train_step, evaluate)
+        if start_step == 0 and new_budget and parse_budget(cfg.train.budget)[0] is not None:  # a time budget
+            s.budget = fit_to_budget(s, log if info.is_main else lambda _: None, train_step, evaluate)
         if info.is_main:
             save_config(s.cfg, run_dir / CONFIG_FILE)
             truncate_metrics(run_dir, start_step)
@@ -293,6 +258,8 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     except BaseException:
         if run_lock is not None:
             run_lock.release()
+            if created:
+                remove_new_run_dir(run_dir)
         raise
     return s
 
@@ -302,8 +269,7 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     epochs = cfg.train.steps * cfg.train.global_batch / s.train.count
     log(
-        f"model: {cfg.model.family}-{cfg.model.size}, {count_parameters(s.hf_model) / 1e6:.2f}M parameters, "
-        f"vocabulary {len(s.tokenizer):,}, on {s.device} ({s.precision}{', compiled' if s.compiled else ''}), "
+        f"model: {describe(s.hf_model.config)}, {count_parameters(s.hf_model) / 1e6:.2f}M parameters, on {s.device} ({s.precision}{', compiled' if s.compiled else ''}), "
         f"engine {s.engine.name}"
     )
     log(
@@ -354,7 +320,7 @@ def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     for micro, (input_ids, micro_positions, micro_labels) in enumerate(micro_batches):
         last = micro == len(micro_batches) - 1
         loss_sum += s.engine.forward_backward(input_ids, micro_positions, micro_labels, s.accum, last)
-    lr = cfg.train.lr * lr_factor(step, cfg.train.warmup_steps, cfg.train.steps)
+    lr = learning_rate(step, cfg.train)
     grad_norm = s.engine.step(lr, cfg.train.grad_clip)
     return dist.mean_across_ranks(loss_sum, s.info), grad_norm, lr
 
@@ -402,13 +368,22 @@ def fit(s: Setup, log=print) -> dict:
     windows_logged = 0
     glue_jobs = GlueQueue(cfg, s.run_dir)
     checkpoint = None
+    # The time training uses (steps and evaluations), for the end-of-run line: checkpoint writing is apart.
+    started, checkpoint_s, evaluations = time.perf_counter(), 0.0, 0
 
     def write_checkpoint(step: int) -> Path:
-        return save_checkpoint(s.run_dir, step, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
+        nonlocal checkpoint_s
+        begin = time.perf_counter()
+        path = save_checkpoint(s.run_dir, step, s.engine, s.tokenizer, s.info, s.device, cfg.run.keep_checkpoints,
                                keep_also=glue_jobs.busy_steps(), tally=tally.state())
+        if main:
+            plot_loss_curve(read_metrics(s.run_dir), s.run_dir / "loss_curve.png")
+        checkpoint_s += time.perf_counter() - begin
+        return path
 
     if cfg.eval.every and s.start_step == 0 and s.validation is not None:
         val = evaluate(s)  # the curve starts from the untrained model
+        evaluations += 1
         if main:
             logger.log(0, val_loss=val)
     with dist.stop_on_signals() as stop:
@@ -452,6 +427,7 @@ def fit(s: Setup, log=print) -> dict:
             if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
                 _stop_if_diverged(s, tally, done, lr)  # never an evaluation of a diverged state
                 last_val = evaluate(s)
+                evaluations += 1
                 if main and last_val is not None:
                     logger.log(done, val_loss=last_val)
                     say(f"step {done}: validation loss {last_val:.4f}")
@@ -469,6 +445,7 @@ def fit(s: Setup, log=print) -> dict:
                 if main:
                     glue_jobs.add(done)
     bar.close()
+    trained_s = time.perf_counter() - started - checkpoint_s
     if main:
         glue_jobs.finish()
     if logger is not None:
@@ -480,6 +457,8 @@ def fit(s: Setup, log=print) -> dict:
         "parameters": count_parameters(s.hf_model),
         "stopped_by": stopped_by,
         "checkpoint": str(checkpoint) if checkpoint else None,
+        "trained_s": trained_s,
+        "evaluations": evaluations if s.validation is not None else 0,
     }
 
 
@@ -555,14 +534,26 @@ class GlueQueue:
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, log=print) -> dict:
-    """The whole `mlm pretrain` command."""
+    """The whole `mlm pretrain` command; a finished run ends with a line saying how long it took, its final
+    losses and where its final checkpoint is."""
+    started = time.perf_counter()
     try:
-        s = setup(cfg, resume, log)
         try:
-            return fit(s, log)
+            s = setup(cfg, resume, log)
+        except RunFinished as finished:  # --resume on a finished run: say so, train nothing
+            log(str(finished))
+            return {"train_loss": None, "val_loss": None, "steps": None, "stopped_by": None, "checkpoint": None,
+                    "finished": True}
+        try:
+            summary = fit(s, log)
         finally:
             s.batches.close()
             if s.run_lock is not None:
                 s.run_lock.release()
+        if s.info.is_main and not summary["stopped_by"]:
+            if s.budget is not None:
+                log(budget_report(s.budget, summary["trained_s"], summary["steps"], summary["evaluations"]))
+            log(end_of_run_line(summary, s.start_step, time.perf_counter() - started))
+        return summary
     finally:
         dist.cleanup()

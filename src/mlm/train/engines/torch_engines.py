@@ -136,7 +136,7 @@ class FSDPEngine(_TorchEngine):
         use_policy = autocast_dtype is not None and device.type == "cuda"
         self.autocast_dtype = None if use_policy else autocast_dtype
         policy = MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32) if use_policy else MixedPrecisionPolicy()
-        for layer in hf_model.base_model.encoder.layer:
+        for layer in self.loss_model.family.encoder_layers(hf_model):
             if compile_mode:  # per layer, in place (names unchanged), before sharding: hooks stay outside the graphs
                 layer.compile(mode=compile_mode)
             fully_shard(layer, reshard_after_forward=reshard_after_forward, mp_policy=policy)
