@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
+
+from mlm.atomic import open_append, write_file
 
 
 class MetricsLogger:
@@ -14,7 +17,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, use_wandb: bool, wandb_project: str, config: dict):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.jsonl = open_append(run_dir / "metrics.jsonl")
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self.wandb = None
         if use_wandb:
@@ -92,28 +95,35 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def loss_curves(metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """The curves of the loss plot, by label: training (`loss`), validation (`val_loss`) and one per
+    `val_loss/<name>` found in the records (a validation source of its own), each as (step, loss) points."""
+    keys = ["loss"] + sorted({key for m in metrics for key in m if key == "val_loss" or key.startswith("val_loss/")})
+    labels = {"loss": "training", "val_loss": "validation"}
+    curves = {labels.get(key, f"validation ({key.split('/', 1)[-1]})"):
+              [(m["step"], m[key]) for m in metrics if m.get(key) is not None] for key in keys}
+    return {label: points for label, points in curves.items() if points}
+
+
 def plot_loss_curve(metrics: list[dict], path: str | Path) -> Path:
-    """PNG of training and validation MLM loss against step."""
+    """PNG of the `loss_curves` (training and validation MLM loss) against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        ax.plot(*zip(*train), label="training", linewidth=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", markersize=3)
+    for label, points in loss_curves(metrics).items():
+        style = {"linewidth": 1.2} if label == "training" else {"marker": "o", "markersize": 3}
+        ax.plot(*zip(*points), label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("MLM loss (cross-entropy, nats)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a checkpoint may come before any logged loss
+        ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    path, png = Path(path), io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    tmp.replace(path)
+    write_file(path, png.getvalue())
     return path
