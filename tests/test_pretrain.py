@@ -578,6 +578,7 @@ def test_a_time_budget_trains_exactly_like_the_steps_it_fixed(data_dirs, tmp_pat
     assert recorded["steps"] == steps > 3
     assert recorded["warmup_steps"] == round(3 * steps / 30)
     assert any(line.startswith("budget 15s: ") and f"train.steps={steps:,}" in line for line in logged)
+    assert logged[-2].startswith(f"budget 15s: training used ") and f" + {steps} steps and " in logged[-2]
 
     plain = config("plain", steps=steps)
     plain.train.warmup_steps = recorded["warmup_steps"]
@@ -612,3 +613,128 @@ def test_a_checkpoint_tokenizer_carries_the_model_length(data_dirs, family, tmp_
     assert len(tok(long_text, truncation=True)["input_ids"]) == 64
     fill = pipeline("fill-mask", model=checkpoint, device="cpu")
     assert len(fill(long_text, top_k=3, tokenizer_kwargs={"truncation": True})) == 3
+
+
+class ControlledClock:
+    """A clock the test moves: each timed step and evaluation advances it by a set number of seconds."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_time_budget_leaves_first_step_and_first_evaluation_costs_out_of_its_estimate(data_dirs, tmp_path):
+    """Step 0 and the first evaluation pay for compilation and allocation: the estimate counts neither, times
+    at least 5 steps after the first over 5% of the budget, and the evaluations at every eval.every steps."""
+    from mlm.train import pretrain as loop
+    from mlm.train.budget import fit_to_budget
+
+    clock = ControlledClock()
+    step_costs = iter([3.0] + [1.0] * 100)  # step 0 compiles; then 1 s a step
+    eval_costs = iter([4.0, 2.0])  # the first evaluation allocates; then 2 s
+
+    def train_step(s, step):
+        clock.now += next(step_costs)
+        return loop.train_step(s, step)
+
+    def evaluate(s):
+        clock.now += next(eval_costs)
+        return loop.evaluate(s)
+
+    s = loop.setup(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=30, budget="100s"), **QUIET)
+    try:
+        logged = []
+        plan = fit_to_budget(s, logged.append, train_step, evaluate, clock=clock)
+    finally:
+        s.batches.close()
+        s.run_lock.release()
+    # Timing: 3 + 5 × 1 s of steps (5 s = 5% of the budget reached), then evaluations of 4 and 2 s: 14 s.
+    assert (plan.timing_s, plan.step_s, plan.eval_s) == (14.0, 1.0, 2.0)
+    # 86 s left; 2 s for the evaluations at step 0 and the last; each step 1 s + 2 s / eval.every (10).
+    assert plan.steps == s.cfg.train.steps == int((86 - 2 * 2) // 1.2) == 68
+    assert s.cfg.train.warmup_steps == round(3 * 68 / 30)
+    assert "timing 6 steps at 1s per step and 2s per evaluation; the step count is fixed from this speed" in logged[0]
+
+
+def test_a_time_budget_stops_timing_slow_steps_at_a_fifth_of_the_budget(data_dirs, tmp_path):
+    from mlm.train import pretrain as loop
+    from mlm.train.budget import fit_to_budget
+
+    clock = ControlledClock()
+
+    def train_step(s, step):
+        clock.now += 6.0
+        return loop.train_step(s, step)
+
+    s = loop.setup(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=30, budget="60s"), **QUIET)
+    s.cfg.eval.every = 0
+    try:
+        plan = fit_to_budget(s, lambda _: None, train_step, loop.evaluate, clock=clock)
+    finally:
+        s.batches.close()
+        s.run_lock.release()
+    assert plan.timing_s == 12.0 and plan.steps == int(48 // 6)  # two steps: 12 s ≥ 20% of 60 s
+
+
+def test_the_end_of_a_budgeted_run_says_the_budget_the_time_used_and_why_they_differ():
+    from mlm.train.budget import BudgetPlan, budget_report
+
+    plan = BudgetPlan("90s", 90.0, timing_s=14.0, step_s=3.5, eval_s=0.0, steps=21)
+    line = budget_report(plan, trained_s=11.5, steps=21, evaluations=0)
+    assert line.startswith("budget 90s: training used 25.5s (timing 14.0s + 21 steps and 0 evaluations 11.5s): "
+                           "less than the budget because the steps took 0.548s each")
+    assert "against the 3.5s measured at the start" in line and "fixed from the speed measured at the start" in line
+    assert budget_report(plan, trained_s=74.0, steps=21, evaluations=0).endswith(", within 10% of the budget")
+    assert "1 step and 1 evaluation" in budget_report(plan, trained_s=200.0, steps=1, evaluations=1)
+    assert "more than the budget" in budget_report(plan, trained_s=200.0, steps=21, evaluations=0)
+
+
+def test_a_run_ends_with_its_time_losses_final_checkpoint_and_loss_curve(data_dirs, tmp_path):
+    logged = []
+    summary = pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=12), log=logged.append)
+    assert re.fullmatch(
+        rf"finished 12 steps in 0:00:\d\d: train loss {summary['train_loss']:.4f}, validation loss "
+        rf"{summary['val_loss']:.4f}; final checkpoint {re.escape(str(tmp_path / 'run' / 'checkpoint-12'))}",
+        logged[-1])
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 0
+
+
+def test_the_loss_curve_draws_every_validation_source():
+    from mlm.train.metrics import loss_curves
+
+    records = [{"step": 0, "val_loss": 9.0, "val_loss/wiki": 9.2}, {"step": 1, "loss": 8.0},
+               {"step": 2, "loss": 7.0, "val_loss": 7.4, "val_loss/books": 7.5, "val_loss/wiki": 7.3}]
+    assert loss_curves(records) == {
+        "training": [(1, 8.0), (2, 7.0)], "validation": [(0, 9.0), (2, 7.4)],
+        "validation (books)": [(2, 7.5)], "validation (wiki)": [(0, 9.2), (2, 7.3)],
+    }
+
+
+def test_a_budget_run_resumes_without_repeating_the_budget_and_a_finished_one_says_so(data_dirs, tmp_path):
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=30, budget="1e4 tokens")  # 19 steps
+    pretrain(cfg, **QUIET)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-19")  # as if stopped after checkpoint-10
+    again = tiny_config(data_dirs["roberta"], tmp_path / "run", steps=30)  # the recipe, without --train.budget
+    logged = []
+    assert pretrain(again, resume="latest", log=logged.append)["steps"] == 19
+    assert any("resuming from" in line and "at step 10" in line for line in logged)
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 20))
+
+    for resume in ("latest", "auto"):
+        logged = []
+        summary = pretrain(again, resume=resume, log=logged.append)
+        assert summary["finished"] and not any("resuming" in line or "finished 19" in line for line in logged)
+        assert logged[-1] == (
+            f"{tmp_path / 'run'} is finished: {tmp_path / 'run' / 'checkpoint-19'} holds its last step (19 of "
+            "train.steps=19), so there is nothing to resume. To train on, start a new run from its weights with a "
+            f"fresh schedule: --model.init_from={tmp_path / 'run' / 'checkpoint-19'} --run.out_dir=NEW_FOLDER")
+
+
+@pytest.mark.parametrize("budget", ["1 token", "0.001s"])
+def test_a_budget_that_fits_no_step_leaves_no_run_folder(data_dirs, tmp_path, budget):
+    cfg = tiny_config(data_dirs["roberta"], tmp_path / "run", budget=budget)
+    with pytest.raises(UserError, match=f"train.budget={budget} does not fit one step"):
+        pretrain(cfg, **QUIET)
+    assert not (tmp_path / "run").exists()

@@ -7,17 +7,30 @@ forward.
 
 from __future__ import annotations
 
+import datetime
 import json
-import os
 import shutil
 from pathlib import Path
 
-from mlm.config import PretrainConfig
+from mlm.atomic import write_file
+from mlm.config import PretrainConfig, TrainConfig
 from mlm.errors import UserError
-from mlm.train.checkpoint import check_checkpoint, checkpoint_dirs, find_checkpoint, newest_good_checkpoint
+from mlm.train.checkpoint import (
+    STATE_FILE,
+    check_checkpoint,
+    checkpoint_dirs,
+    find_checkpoint,
+    newest_good_checkpoint,
+)
+from mlm.train.optim import decay_start
 from mlm.train.run_lock import LOCK_FILE, OWNER_FILE
 
 CONFIG_FILE = "config.json"
+SCHEDULE_END = ("train.steps", "train.decay_steps", "train.decay_shape", "train.min_lr")
+"""Where and how a wsd run ends: it may change them until its decay begins, for no step before that depends
+on them (the run grows in its folder, or a decay branches into a new one)."""
+SCHEDULE_KEYS = ("schedule", "decay_steps", "decay_shape", "min_lr")
+"""Recipe settings a run recorded before they existed trained with their defaults (the linear schedule)."""
 
 
 def recipe_differences(config_path: Path, cfg: PretrainConfig) -> list[str]:
@@ -29,6 +42,8 @@ def recipe_differences(config_path: Path, cfg: PretrainConfig) -> list[str]:
     if not isinstance(theirs, dict):
         raise UserError(f"{config_path} does not hold a run's settings (a JSON object): restore it, or choose "
                         "another run.out_dir")
+    if isinstance(theirs.get("train"), dict):
+        theirs["train"] = {**_schedule_defaults(), **theirs["train"]}
     ours = cfg.recipe()
     return [
         f"{section}.{key}"
@@ -50,6 +65,9 @@ def check_run_dir(run_dir: Path, cfg: PretrainConfig, checkpoint: Path | None) -
                 f"{run_dir} holds a different run (differs in {', '.join(differ)}) that stopped before its first "
                 f"checkpoint: delete that folder (rm -r {run_dir}) or choose another run.out_dir"
             )
+        if differ and _only_the_end(differ, cfg):
+            _check_new_end(run_dir, cfg, differ, checkpoint, checkpoints)
+            return
         if differ:
             from_weights = f"--model.init_from={checkpoints[-1]} --run.out_dir=NEW_FOLDER"
             if set(differ) <= {"train.steps", "train.warmup_steps"}:
@@ -76,11 +94,83 @@ def check_foreign_checkpoint(checkpoint: Path, run_dir: Path, cfg: PretrainConfi
     if source == run_dir.resolve() or not (source / CONFIG_FILE).is_file():
         return
     differ = recipe_differences(source / CONFIG_FILE, cfg)
+    if differ and _only_the_end(differ, cfg):  # a decay (or a longer run) branched from the wsd run in source
+        problem = _end_problem({**_schedule_defaults(), **recorded_train(source)}, cfg, _checkpoint_step(checkpoint))
+        if problem:
+            raise UserError(
+                f"--resume: {checkpoint} cannot start a run of another end ({', '.join(differ)}) from the wsd run in "
+                f"{source}: {problem}; branch from an earlier checkpoint, or start a new run from its weights with "
+                f"--model.init_from={checkpoint}"
+            )
+        return
     if differ:
         raise UserError(
             f"--resume: {checkpoint} belongs to the run in {source}, which differs from this one "
             f"(run.out_dir={run_dir}) in {', '.join(differ)}: to continue that run, use its config and "
             f"--run.out_dir={source}; to start this run from its weights, use --model.init_from={checkpoint}"
+        )
+
+
+def _schedule_defaults() -> dict:
+    defaults = TrainConfig()
+    return {name: getattr(defaults, name) for name in SCHEDULE_KEYS}
+
+
+def _only_the_end(differ: list[str], cfg: PretrainConfig) -> bool:
+    """A wsd run (both recorded and configured: train.schedule is not among the differences) that changes only
+    where or how it ends."""
+    return cfg.train.schedule == "wsd" and set(differ) <= set(SCHEDULE_END)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    """The steps a checkpoint has trained (its training state's; a folder may have been renamed)."""
+    import torch
+
+    return int(torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)["step"])
+
+
+def _end_problem(recorded: dict, cfg: PretrainConfig, step: int) -> str | None:
+    """Why the wsd run recorded with the train section `recorded` cannot go on from its checkpoint of `step`
+    towards cfg's end, or None: every step before `step` must come before both decays, so that it was trained
+    at the rate the new end gives it."""
+    steps, decay = int(recorded["steps"]), int(recorded["decay_steps"])
+    if step > steps - decay:
+        return (f"its decay began at step {steps - decay:,} (train.steps - train.decay_steps = {steps:,} - {decay:,}), "
+                f"before step {step:,}, so the steps since were trained for its own end")
+    new_start = decay_start(cfg.train)
+    if step > new_start:
+        return (f"train.steps={cfg.train.steps:,} with train.decay_steps={cfg.train.decay_steps:,} would begin the "
+                f"decay at step {new_start:,}, before step {step:,}: give train.steps of at least "
+                f"{step + cfg.train.decay_steps:,}")
+    return None
+
+
+def _check_new_end(run_dir: Path, cfg: PretrainConfig, differ: list[str], checkpoint: Path | None,
+                   checkpoints: list[Path]) -> None:
+    """The wsd run in run_dir takes another end (a larger train.steps, another decay) from its newest checkpoint
+    if that was written before its decay began; otherwise say why not and what to do."""
+    changes = ", ".join(differ)
+    recorded = {**_schedule_defaults(), **recorded_train(run_dir)}
+    if checkpoint is None:
+        raise UserError(f"{run_dir} holds this wsd run with another end (differs in {changes}): pass --resume to "
+                        "continue it towards the new one (possible until its decay begins)")
+    if checkpoint.resolve() != checkpoints[-1].resolve():
+        if checkpoint.resolve().parent == run_dir.resolve():
+            raise UserError(
+                f"--resume: {run_dir} holds checkpoints after {checkpoint.name} (up to {checkpoints[-1].name}), trained "
+                f"for the recorded end: give the new end ({changes}) a folder of its own: --resume={checkpoint} "
+                "--run.out_dir=NEW_FOLDER"
+            )
+        raise UserError(f"{run_dir} already holds a different run (differs in {changes}): choose another run.out_dir")
+    problem = _end_problem(recorded, cfg, _checkpoint_step(checkpoint))
+    if problem:
+        stable = [c for c in checkpoints if _checkpoint_step(c) <= int(recorded["steps"]) - int(recorded["decay_steps"])]
+        branch = (f"branch it into a new folder from a checkpoint before its decay: --resume={stable[-1]} "
+                  "--run.out_dir=NEW_FOLDER --train.steps=M; or " if stable else "")
+        raise UserError(
+            f"--resume: the wsd run in {run_dir} cannot take another end ({changes}) from {checkpoint.name}: "
+            f"{problem}. To train longer, {branch}start a new run from its weights with a fresh schedule: "
+            f"--model.init_from={checkpoint} --run.out_dir=NEW_FOLDER"
         )
 
 
@@ -118,9 +208,7 @@ def truncate_metrics(run_dir: Path, start_step: int) -> None:
     elif path.is_file():
         steps = [(line, _record_step(line)) for line in path.read_text().splitlines()]
         kept = [line for line, step in steps if step is not None and step <= start_step]
-        tmp = path.with_name(path.name + ".tmp")  # a kill mid-write must not lose the records before the checkpoint
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_file(path, "".join(line + "\n" for line in kept))  # a kill mid-write keeps the records before it
 
 
 def _record_step(line: str) -> int | None:
@@ -129,3 +217,41 @@ def _record_step(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+class RunFinished(Exception):
+    """--resume on a run that has reached its last step: nothing to train; the message says so and how to
+    train on. Not an error: a requeued job that finds its run finished ends with exit status 0."""
+
+
+def check_not_finished(run_dir: Path, checkpoint: Path, start_step: int, cfg: PretrainConfig) -> None:
+    """Raise RunFinished when the checkpoint to resume from is the run's last step."""
+    if start_step >= cfg.train.steps:
+        raise RunFinished(
+            f"{run_dir} is finished: {checkpoint} holds its last step ({start_step:,} of train.steps="
+            f"{cfg.train.steps:,}), so there is nothing to resume. To train on, start a new run from its weights "
+            f"with a fresh schedule: --model.init_from={checkpoint} --run.out_dir=NEW_FOLDER"
+        )
+
+
+def remove_new_run_dir(run_dir: Path) -> None:
+    """A run that fails before it writes anything leaves no folder behind: remove the folder this run made,
+    if it still holds only its lock files."""
+    for name in (OWNER_FILE, LOCK_FILE):
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()  # only if empty: never anything but the lock files
+    except OSError:
+        pass
+
+
+def end_of_run_line(summary: dict, start_step: int, seconds: float) -> str:
+    """The last line of a finished `mlm pretrain`: the steps, how long it took, the final losses and where the
+    final checkpoint is."""
+    steps = summary["steps"]
+    done = f"{steps:,} step{'s' if steps != 1 else ''}" + (f" (resumed at step {start_step:,})" if start_step else "")
+    losses = [f"{name} {summary[key]:.4f}" for name, key in (("train loss", "train_loss"), ("validation loss", "val_loss"))
+              if summary.get(key) is not None]
+    return (f"finished {done} in {datetime.timedelta(seconds=round(seconds))}"
+            + (f": {', '.join(losses)}" if losses else "")
+            + (f"; final checkpoint {summary['checkpoint']}" if summary.get("checkpoint") else ""))
