@@ -3,9 +3,12 @@
 mlm's config is the single source of truth for the recipe (batch, precision, clipping, optimizer, schedule):
 a DeepSpeed file may restate those settings, but it may not quietly change them, so every "auto" is filled
 from our config and every explicit value that disagrees is refused by name. The training loop keeps its own
-AdamW (no weight decay on biases and LayerNorm weights) and its own schedule (`optim.lr_factor`, applied by
-setting the optimizer's lr every step), so matching `optimizer` and `scheduler` sections are dropped rather
+AdamW (no weight decay on biases and LayerNorm weights) and its own schedule (`optim.learning_rate`, applied
+by setting the optimizer's lr every step), so matching `optimizer` and `scheduler` sections are dropped rather
 than handed to DeepSpeed, which would otherwise build a second optimizer or step a second, lagging schedule.
+A WarmupDecayLR with explicit values describes the linear schedule decaying to 0; under any other schedule
+(train.schedule cosine or wsd, or train.min_lr above 0) only its "auto" form, which leaves the rate to mlm,
+is accepted.
 This module does not import deepspeed: it is an optional extra.
 """
 
@@ -139,15 +142,15 @@ def _zero_stage(r: _Resolver, ds: dict) -> None:
 
 
 def _scheduler(r: _Resolver, ds: dict, cfg: PretrainConfig) -> None:
-    """A scheduler must describe our linear warm-up / linear decay; it is then dropped (we set the lr)."""
+    """A scheduler must describe our schedule; it is then dropped (we set the lr)."""
     found = r.typed_section(ds, "scheduler", SCHEDULER_PARAMS)
     if found is None:
         return
     sched, params = found
     if sched.get("type") != "WarmupDecayLR":
         raise r.fail(
-            f"scheduler.type={_show(sched.get('type'))} is not supported: mlm applies its own linear warm-up "
-            'and linear decay; use "WarmupDecayLR" with "auto" params, or remove the scheduler'
+            f"scheduler.type={_show(sched.get('type'))} is not supported: mlm applies its own schedule "
+            '(train.schedule); use "WarmupDecayLR" with "auto" params, or remove the scheduler'
         )
     warmup_type = params.get("warmup_type")
     if warmup_type is None:
@@ -158,6 +161,17 @@ def _scheduler(r: _Resolver, ds: dict, cfg: PretrainConfig) -> None:
     if warmup_type not in ("linear", AUTO):
         raise r.fail(f'scheduler.params.warmup_type={_show(warmup_type)} contradicts mlm\'s linear warm-up')
     t = cfg.train
+    if t.schedule != "linear" or t.min_lr:  # WarmupDecayLR cannot describe it: "auto" only, the rate is ours
+        ours = f"train.schedule={t.schedule}" + (f" with train.min_lr={t.min_lr:g}" if t.min_lr else "")
+        for key in ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps"):
+            if params.get(key, AUTO) != AUTO:
+                raise r.fail(
+                    f"scheduler.params.{key}={_show(params[key])}: an explicit WarmupDecayLR describes a linear "
+                    f'decay to 0, not this run\'s {ours}: write "auto" (mlm sets the rate every step) or remove '
+                    "the scheduler"
+                )
+        del ds["scheduler"]
+        return
     r.match(params, "warmup_min_lr", "scheduler.params.warmup_min_lr", 0.0, "mlm's warm-up start lr", fill=False)
     r.match(params, "warmup_max_lr", "scheduler.params.warmup_max_lr", t.lr, "train.lr", fill=False)
     r.match(params, "warmup_num_steps", "scheduler.params.warmup_num_steps", t.warmup_steps, "train.warmup_steps",
