@@ -35,10 +35,10 @@ STEPS = 6
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
-def overrides(data_dir: Path, out_dir: Path, steps: int = STEPS) -> list[str]:
+def overrides(data_dir: Path, out_dir: Path, steps: int = STEPS, family: str = "roberta") -> list[str]:
     """global batch 16 = micro-batch 4 × accumulation 2 × 2 ranks (or × 4 × 1 rank)."""
     return [
-        f"--data.data_dir={data_dir}", "--model.size=tiny", "--model.max_positions=64", "--model.dropout=0.0",
+        f"--data.data_dir={data_dir}", f"--model.family={family}", "--model.size=tiny", "--model.max_positions=64", "--model.dropout=0.0",
         "--data.seq_len=32", f"--train.steps={steps}", "--train.global_batch=16", "--train.lr=2e-3",
         "--train.warmup_steps=3", "--system.micro_batch=4", "--system.device=cpu", "--system.compile=off",
         f"--run.out_dir={out_dir}", "--run.log_every=1", "--run.checkpoint_every=2", "--run.progress=false",
@@ -83,12 +83,24 @@ def engines(fp32_zero2) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def single(data_dirs, tmp_path_factory) -> Path:
-    """The reference: one plain process, no engine wrapper, micro-batch 4 × accumulation 4."""
-    out = tmp_path_factory.mktemp("single") / "run"
-    result = launch(1, *overrides(data_dirs["roberta"], out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def singles(data_dirs, tmp_path_factory):
+    """The reference of a family: one plain process, no engine wrapper, micro-batch 4 × accumulation 4."""
+    runs: dict[str, Path] = {}
+
+    def single_run(family: str) -> Path:
+        if family not in runs:
+            out = tmp_path_factory.mktemp(f"single-{family}") / "run"
+            result = launch(1, *overrides(data_dirs[family], out, family=family))
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[family] = out
+        return runs[family]
+
+    return single_run
+
+
+@pytest.fixture(scope="module")
+def single(singles) -> Path:
+    return singles("roberta")
 
 
 def assert_same_training(run: Path, reference: Path, steps) -> None:
@@ -99,10 +111,14 @@ def assert_same_training(run: Path, reference: Path, steps) -> None:
     assert [lrs[s] for s in steps] == pytest.approx([reference_lrs[s] for s in steps], rel=1e-9)
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp", "fsdp-zero3", DEEPSPEED])
-def test_two_ranks_match_one_process_and_resume_on_one(engine, engines, single, data_dirs, tmp_path):
+# One family per engine here (roberta also runs 2 ranks under every engine in test_one_rank_resumes_on_two):
+# ModernBERT's layers, rotary buffers and tied decoder under each engine's wrapping and sharding.
+@pytest.mark.parametrize("engine, family", [("ddp", "modernbert"), ("fsdp", "modernbert"), ("fsdp-zero3", "roberta"),
+                                            pytest.param("deepspeed", "modernbert", marks=needs_deepspeed)])
+def test_two_ranks_match_one_process_and_resume_on_one(engine, family, engines, singles, data_dirs, tmp_path):
+    single = singles(family)
     two = tmp_path / "two"
-    result = launch(2, *overrides(data_dirs["roberta"], two), *engines[engine])
+    result = launch(2, *overrides(data_dirs[family], two, family=family), *engines[engine])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "micro_batch 4 × accumulation 2 × ranks 2 = global batch 16" in result.stdout
     assert f"engine {engines[engine][0].split('=')[1]}" in result.stdout
@@ -118,7 +134,8 @@ def test_two_ranks_match_one_process_and_resume_on_one(engine, engines, single, 
 
     # Elastic: the step-4 checkpoint of 2 ranks continues on 1 with the unbroken run's losses.
     one = tmp_path / "one"
-    result = launch(1, *overrides(data_dirs["roberta"], one), *engines[engine], f"--resume={two / 'checkpoint-4'}")
+    result = launch(1, *overrides(data_dirs[family], one, family=family), *engines[engine],
+                    f"--resume={two / 'checkpoint-4'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_training(one, single, range(5, STEPS + 1))
 
