@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
+import sys
 import warnings
 from typing import Callable
 
@@ -51,14 +53,34 @@ def sdpa_kernels_taken(run: Callable[[], object]) -> list[str]:
     """The SDPA kernels that ran during run(), in the order first seen ([] if no SDPA operator ran)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:  # aten calls are recorded on the host
+    prof = profile(activities=[ProfilerActivity.CPU])  # aten calls are recorded on the host
+    with _stderr_silenced():  # the profiler's library prints a line to stderr as it starts and as it stops
+        prof.start()
+    try:
         run()
+    finally:
+        with _stderr_silenced():
+            prof.stop()
     taken: list[str] = []
     for event in prof.events():
         kernel = SDPA_OPS.get(event.name)
         if kernel is not None and kernel not in taken:
             taken.append(kernel)
     return taken
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the duration (what C++ code writes there included)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def model_attention_kernels(hf_model: nn.Module, seq_len: int, device: torch.device,
