@@ -4,7 +4,8 @@ A split's stream of N tokens is cut into W = N // C windows of C = seq_len - 2 t
 dropped); each window is wrapped with the family's special tokens (`<s> … </s>` or `[CLS] … [SEP]`).
 The sampler orders windows by a seeded pseudo-random permutation per epoch that it computes index by
 index (a Feistel network), so the batch of any step is found in O(1) time and memory: resuming needs
-only the step number, and the global batch is the same whatever the number of ranks.
+only the step number, and the global batch is the same whatever the number of ranks. Several folders at once
+(data.sources) are data/mixture.py's.
 """
 
 from __future__ import annotations
@@ -209,3 +210,8 @@ class Sampler:
         """Rank `rank`'s share of the global batch of `step`: its contiguous slice, in order."""
         per_rank = self.global_batch // world_size
         return self.global_batch_ids(step)[rank * per_rank : (rank + 1) * per_rank]
+
+    def figures(self, step: int) -> dict[str, float]:
+        """Figures for metrics.jsonl after `step` steps: none for one folder, whose records stay as they were (a
+        mixture, data/mixture.py, reports each source's epochs)."""
+        return {}

@@ -29,6 +29,7 @@ from mlm import dist
 from mlm.config import PretrainConfig, save_config
 from mlm.data.loader import BatchLoader
 from mlm.data.masking import MaskingSpec, mask_tokens, masked_count
+from mlm.data.mixture import MixedWindows, MixtureSampler, batch_shares
 from mlm.data.prepare import TOKENIZER_SUBDIR, read_manifest
 from mlm.data.stream import Sampler, TokenStream, Windows
 from mlm.errors import UserError
@@ -78,8 +79,9 @@ class Setup:
     """Model + optimizer wrapped by the chosen engine: the step, evaluation and checkpoints go through it."""
     run_lock: FileLock | None
     """The run folder's lock, held by the main rank for the whole run."""
-    train: Windows
-    validation: Windows | None
+    train: Windows | MixedWindows
+    validation: Windows | MixedWindows | None
+    """A mixture's (data.sources) holds only the sources that have validation sequences."""
     sampler: Sampler
     batches: BatchLoader
     """This rank's token batch of each step, on the device, read ahead in a background thread."""
@@ -132,25 +134,61 @@ def resolve_micro_batch(cfg: PretrainConfig, hf_model: nn.Module, per_rank: int,
     return dataclasses.replace(cfg, system=dataclasses.replace(cfg.system, micro_batch=micro))
 
 
-def load_data(cfg: PretrainConfig, manifest: dict, tokenizer) -> tuple[Windows, Windows | None]:
+def load_data(cfg: PretrainConfig, manifest: dict, tokenizer) -> tuple[Windows | MixedWindows, Windows | MixedWindows | None]:
+    """The training and validation windows of data.data_dir (whose manifest is given), or of every folder of
+    data.sources (the first's manifest given): a MixedWindows then, named by folder name."""
+    if not cfg.data.sources:
+        return _load_folder(cfg, cfg.data.data_dir, manifest, tokenizer)
+    folders = cfg.data.folders
+    manifests = [manifest] + [read_manifest(folder) for folder in folders[1:]]
+    first = manifests[0]["tokenizer"]
+    for folder, other in zip(folders[1:], manifests[1:]):
+        if other["tokenizer"]["fingerprint"] != first["fingerprint"]:  # their token ids mean other words
+            raise UserError(
+                f"data.sources: {folder} was prepared with tokenizer {other['tokenizer']['name']!r} (fingerprint "
+                f"{other['tokenizer']['fingerprint']}), but {folders[0]} with {first['name']!r} (fingerprint "
+                f"{first['fingerprint']}): prepare every source with the same tokenizer"
+            )
+    loaded = [_load_folder(cfg, folder, m, tokenizer) for folder, m in zip(folders, manifests)]
+    names = [Path(folder).name for folder in folders]
+    train = MixedWindows(names, [windows for windows, _ in loaded])
+    evaluated = [i for i, (_, validation) in enumerate(loaded) if validation is not None]
+    if cfg.eval.every and len(evaluated) > cfg.eval.sequences:
+        raise UserError(f"eval.sequences={cfg.eval.sequences} is fewer than the {len(evaluated)} folders of "
+                        "data.sources with validation data: each folder's validation loss needs a sequence")
+    validation = MixedWindows([names[i] for i in evaluated], [loaded[i][1] for i in evaluated]) if evaluated else None
+    return train, validation
+
+
+def _load_folder(cfg: PretrainConfig, folder: str, manifest: dict, tokenizer) -> tuple[Windows, Windows | None]:
+    """One prepared folder's training and validation windows (None: no validation sequence)."""
     if manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise UserError(
-            f"{cfg.data.data_dir} was prepared with tokenizer {manifest['tokenizer']['name']!r}, "
+            f"{folder} was prepared with tokenizer {manifest['tokenizer']['name']!r}, "
             f"not the configured {cfg.data.tokenizer!r}: prepare the data again or configure that tokenizer"
         )
     seq_len = cfg.data.seq_len
     windows = {
-        split: Windows(TokenStream(cfg.data.data_dir, split, manifest), seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        split: Windows(TokenStream(folder, split, manifest), seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id)
         for split in ("train", "validation")
     }
     train = windows["train"]
     if train.count == 0:
         raise UserError(
             f"the corpus is too small: {len(train.stream)} training tokens, fewer than one sequence "
-            f"of {seq_len} ({seq_len - 2} tokens + 2 special)"
+            f"of {seq_len} ({seq_len - 2} tokens + 2 special)" + (f" in {folder}" if cfg.data.sources else "")
         )
     validation = windows["validation"] if windows["validation"].count > 0 else None
     return train, validation
+
+
+def make_sampler(cfg: PretrainConfig, train: Windows | MixedWindows) -> Sampler:
+    """Which windows each step trains on: one folder's shuffled epochs, or each source's exact share."""
+    if isinstance(train, MixedWindows):
+        weights = [cfg.data.sources[folder] for folder in cfg.data.folders]
+        return MixtureSampler(train.names, [part.count for part in train.parts], weights, cfg.train.global_batch,
+                              cfg.train.seed)
+    return Sampler(train.count, cfg.train.global_batch, cfg.train.seed)
 
 
 def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
@@ -181,8 +219,8 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     if checkpoint is not None:
         check_foreign_checkpoint(checkpoint, run_dir, cfg)
 
-    manifest = read_manifest(cfg.data.data_dir)  # first: the default tokenizer lives in the data folder
-    tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.data_dir) / TOKENIZER_SUBDIR)
+    manifest = read_manifest(cfg.data.folders[0])  # first: the default tokenizer lives in the data folder
+    tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.folders[0]) / TOKENIZER_SUBDIR)
     check_tokenizer_layout(cfg.model.family, tokenizer)
     train, validation = load_data(cfg, manifest, tokenizer)
 
@@ -214,7 +252,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     start_step, tally = load_training_state(checkpoint, engine, info, device) if checkpoint is not None else (0, {})
     if checkpoint is not None:
         check_not_finished(run_dir, checkpoint, start_step, cfg)
-    sampler = Sampler(train.count, cfg.train.global_batch, cfg.train.seed)
+    sampler = make_sampler(cfg, train)
     # Damaged data (token ids beyond the vocabulary) fails here, before the run folder changes; a shard damaged
     # further on fails at its step with the same one-line error.
     train.batch(sampler.rank_batch_ids(start_step, info.rank, info.world_size))
@@ -268,6 +306,7 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
     cfg = s.cfg
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     epochs = cfg.train.steps * cfg.train.global_batch / s.train.count
+    mixture = isinstance(s.sampler, MixtureSampler)
     log(
         f"model: {describe(s.hf_model.config)}, {count_parameters(s.hf_model) / 1e6:.2f}M parameters, on {s.device} ({s.precision}{', compiled' if s.compiled else ''}), "
         f"engine {s.engine.name}"
@@ -276,21 +315,39 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
         f"batch: micro_batch {cfg.system.micro_batch} × accumulation {s.accum} × ranks {s.info.world_size} "
         f"= global batch {cfg.train.global_batch} sequences of {cfg.data.seq_len} = {tokens_per_step:,} tokens/step"
     )
-    log(
-        f"data: {s.train.count:,} training sequences ({len(s.train.stream):,} tokens); "
-        f"{cfg.train.steps:,} steps = {epochs:.2f} epochs"
-        + (f"; resuming from {checkpoint} at step {s.start_step}" if checkpoint else "")
-    )
-    if s.validation is None and cfg.eval.every:
+    resuming = f"; resuming from {checkpoint} at step {s.start_step}" if checkpoint else ""
+    if not mixture:
         log(
-            f"warning: {cfg.data.data_dir} has no validation sequence of {cfg.data.seq_len} tokens, so no validation "
-            "loss will be reported: prepare it again with a larger --val-fraction"
+            f"data: {s.train.count:,} training sequences ({len(s.train.stream):,} tokens); "
+            f"{cfg.train.steps:,} steps = {epochs:.2f} epochs" + resuming
         )
-    if epochs > MANY_EPOCHS:
-        log(
-            f"warning: {cfg.train.steps:,} steps of {cfg.train.global_batch:,} sequences see the training data "
-            f"{epochs:,.1f} times (the reference recipe: about 40); a larger corpus or fewer train.steps"
-        )
+    else:
+        sampler = s.sampler
+        log(f"data: {len(sampler.names)} sources; every step's {cfg.train.global_batch:,} sequences: "
+            + ", ".join(f"{share:,} from {name} (weight {weight:g})"
+                        for name, share, weight in zip(sampler.names, sampler.shares, sampler.weights)) + resuming)
+        for folder, name, part, passes in zip(cfg.data.folders, sampler.names, s.train.parts,
+                                              sampler.epochs(cfg.train.steps).values()):
+            log(f"  {name} ({folder}): {part.count:,} training sequences ({len(part.stream):,} tokens); "
+                f"{cfg.train.steps:,} steps = {passes:.2f} epochs")
+    evaluated = set(s.validation.names) if isinstance(s.validation, MixedWindows) else set()
+    for folder in cfg.data.folders:
+        if cfg.eval.every and (s.validation is None or (mixture and Path(folder).name not in evaluated)):
+            key = f"val_loss/{Path(folder).name}" if mixture else "validation loss"
+            log(
+                f"warning: {folder} has no validation sequence of {cfg.data.seq_len} tokens, so no {key} "
+                "will be reported: prepare it again with a larger --val-fraction"
+            )
+    passes = s.sampler.epochs(cfg.train.steps) if mixture else {None: epochs}
+    for name, times in passes.items():
+        if times > MANY_EPOCHS:
+            sequences = s.sampler.shares[s.sampler.names.index(name)] if mixture else cfg.train.global_batch
+            log(
+                f"warning: {cfg.train.steps:,} steps of {sequences:,} sequences see the training data"
+                + (f" of {name}" if mixture else "")
+                + f" {times:,.1f} times (the reference recipe: about 40); a larger corpus"
+                + (", a lower weight" if mixture else "") + " or fewer train.steps"
+            )
 
 
 def _masking_generator(device: torch.device, seed: int, step: int) -> torch.Generator:
@@ -326,24 +383,45 @@ def train_step(s: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 
 @torch.no_grad()
-def evaluate(s: Setup) -> float | None:
-    """Mean MLM loss on up to eval.sequences validation sequences spread over the split, with fixed masks.
-    Every rank evaluates the same sequences (a sharded model needs every rank in its forward)."""
+def evaluate(s: Setup) -> dict[str, float] | None:
+    """Validation MLM losses with fixed masks: {"val_loss": …}, and with data.sources one "val_loss/<folder
+    name>" per folder that has validation data; None when there is none.
+
+    One folder: the mean loss of up to eval.sequences validation sequences spread over its split. data.sources:
+    eval.sequences is split equally between the folders (the first ones get one more when it does not divide),
+    each folder's loss is computed as one folder's would be on its share (its own fixed masks), and val_loss is
+    the mean over all the sequences evaluated, so each folder counts by its sequences, not by its weight. Every
+    rank evaluates the same sequences (a sharded model needs every rank in its forward)."""
     if s.validation is None:
         return None
-    count = min(s.cfg.eval.sequences, s.validation.count)
-    ids = torch.linspace(0, s.validation.count - 1, count).long().numpy()
+    if isinstance(s.validation, MixedWindows):
+        shares = batch_shares([1.0] * len(s.validation.parts), s.cfg.eval.sequences)
+        parts = [(f"val_loss/{name}", part, min(share, part.count))
+                 for name, part, share in zip(s.validation.names, s.validation.parts, shares)]
+    else:
+        parts = [(None, s.validation, min(s.cfg.eval.sequences, s.validation.count))]
     s.engine.train(False)
+    sums = {key: _validation_loss_sum(s, windows, count) for key, windows, count in parts}
+    s.engine.train(True)
+    figures = {"val_loss": (sum(sums.values()) / sum(count for _, _, count in parts)).item()}
+    for key, _, count in parts:
+        if key is not None:
+            figures[key] = (sums[key] / count).item()
+    return figures
+
+
+def _validation_loss_sum(s: Setup, windows: Windows, count: int) -> torch.Tensor:
+    """The summed per-sequence MLM loss of `count` sequences spread evenly over `windows`, with fixed masks."""
+    ids = torch.linspace(0, windows.count - 1, count).long().numpy()
     # Masks for the whole evaluation set at once, like training's global batch: the same masks whatever
     # system.micro_batch (which only chunks the forward passes below).
-    input_ids = torch.from_numpy(s.validation.batch(ids)).to(s.device)  # (count, T)
+    input_ids = torch.from_numpy(windows.batch(ids)).to(s.device)  # (count, T)
     gen = _masking_generator(s.device, s.cfg.train.seed, step=-1)  # the same masks at every evaluation
     masked, positions, labels = mask_tokens(input_ids, s.masking, gen)
     total = torch.zeros((), device=s.device)
     for chunk in zip(*(t.split(s.cfg.system.micro_batch) for t in (masked, positions, labels))):
         total += s.engine.eval_loss(*chunk).float() * len(chunk[0])
-    s.engine.train(True)
-    return (total / count).item()
+    return total
 
 
 def fit(s: Setup, log=print) -> dict:
@@ -382,10 +460,10 @@ def fit(s: Setup, log=print) -> dict:
         return path
 
     if cfg.eval.every and s.start_step == 0 and s.validation is not None:
-        val = evaluate(s)  # the curve starts from the untrained model
+        figures = evaluate(s)  # the curve starts from the untrained model
         evaluations += 1
         if main:
-            logger.log(0, val_loss=val)
+            logger.log(0, **figures)
     with dist.stop_on_signals() as stop:
         for step in range(s.start_step, cfg.train.steps):
             loss, grad_norm, lr = train_step(s, step)
@@ -407,7 +485,7 @@ def fit(s: Setup, log=print) -> dict:
                             "gradient norm: left out of the logged loss, their update skipped if the gradient was")
                     norm = grad_norm.item()
                     logger.log(done, **figures, lr=lr, **({"grad_norm": norm} if math.isfinite(norm) else {}),
-                               tokens_per_s=tokens_per_s, **_peak_memory(s.device))
+                               tokens_per_s=tokens_per_s, **_peak_memory(s.device), **s.sampler.figures(done))
                     bar.set_postfix(loss=f"{window_loss:.3f}" if window_loss is not None else "-", lr=f"{lr:.2e}",
                                     tok_s=f"{tokens_per_s:,.0f}")
                     eta = datetime.timedelta(seconds=round((cfg.train.steps - done) * seconds_per_step))
@@ -426,10 +504,11 @@ def fit(s: Setup, log=print) -> dict:
             # Before a stop: a resumed run starts after this step and would never evaluate it.
             if cfg.eval.every and (done % cfg.eval.every == 0 or done == cfg.train.steps):
                 _stop_if_diverged(s, tally, done, lr)  # never an evaluation of a diverged state
-                last_val = evaluate(s)
+                figures = evaluate(s)
+                last_val = figures["val_loss"] if figures is not None else None
                 evaluations += 1
-                if main and last_val is not None:
-                    logger.log(done, val_loss=last_val)
+                if main and figures is not None:
+                    logger.log(done, **figures)
                     say(f"step {done}: validation loss {last_val:.4f}")
             signum = stop.agreed(s.info)
             if signum is not None:
