@@ -37,12 +37,14 @@ def test_model_writes_task_json_and_tables(workspace):
     assert mnli["recipe"]["lr"] == 1e-3 and mnli["recipe"]["max_length"] == 48
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["Model"] for r in rows] == ["run"] and rows[0]["Step"] == "100"
-    assert list(rows[0]) == ["Model", "Step", "Protocol", "MNLI-m", "MNLI-mm", "RTE-Acc", "Avg", "CoLA-MCC"]  # CoLA apart
+    # CoLA apart, then every metric the reference columns leave out
+    assert list(rows[0]) == ["Model", "Step", "Protocol", "MNLI-m", "MNLI-mm", "RTE-Acc", "Avg", "CoLA-MCC", "CoLA-Acc"]
     assert rows[0]["Protocol"] == "custom" and mnli["protocol"] == "custom"  # --lr and --max-length changed it
+    assert mnli["custom_because"] == "lr 0.001 (fast: 2e-05), max_length 48 (fast: 512), seeds [0, 1] (fast: [0, 1, 2])"
     avg = (float(rows[0]["MNLI-m"]) + float(rows[0]["MNLI-mm"]) + float(rows[0]["RTE-Acc"])) / 3
     assert float(rows[0]["Avg"]) == pytest.approx(avg, abs=0.01)
     md = (out / "results.md").read_text()
-    assert "| Model | Step | Protocol | MNLI-m | MNLI-mm | RTE-Acc | Avg | CoLA-MCC |" in md
+    assert "| Model | Step | Protocol | MNLI-m | MNLI-mm | RTE-Acc | Avg | CoLA-MCC | CoLA-Acc |" in md
     assert "| RoBERTa-medium (reference) | – | reference |" in md
     assert not list(out.glob("*.tmp"))
 
@@ -165,7 +167,8 @@ def test_task_of_your_own_runs_through_the_same_code(workspace, tmp_path):
           "--out", str(out), *QUICK])
     assert json.loads((out / "topics.json").read_text())["train_examples"] == 40
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert list(rows[0]) == ["Model", "Step", "Protocol", "topics-macro_f1"]  # no reference column, so no average
+    # every metric of the task, and no reference column, so no average
+    assert list(rows[0]) == ["Model", "Step", "Protocol", "topics-macro_f1", "topics-accuracy"]
 
 
 def test_a_small_model_at_the_reference_lr_gets_a_hint(workspace, capsys):
@@ -375,3 +378,26 @@ def test_a_nan_score_in_stsb_is_refused_end_to_end(workspace, tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: {path}:4: label 'nan' is not a finite number (task stsb is a "
                                        "regression): fix or remove the row\n")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_task_file_made_custom_says_why_and_a_log_file_gets_plain_lines(workspace, tmp_path, capsys):
+    """--protocol reference with a task whose [hparams] set epochs: the log and the JSON name the setting; off a
+    terminal the fine-tuning progress is plain lines, no carriage returns; a run of that task alone draws no
+    GLUE-average panel."""
+    from glue_fixtures import keyword_examples
+
+    rows = [{"text": ex["sentence"], "label": ex["label"]} for ex in keyword_examples(24)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.toml").write_text('name = "topics"\ntext_fields = ["text"]\nnum_labels = 2\nmetrics = ["accuracy", "macro_f1"]\n'
+                                        'train = "train.jsonl"\nvalidation = "train.jsonl"\n[hparams]\nepochs = 1\n')
+    out = tmp_path / "out"
+    main(["glue", "--run", str(workspace / "run"), "--steps", "100", "--task-file", str(tmp_path / "task.toml"),
+          "--protocol", "reference", "--max-length", "512", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert "topics: protocol custom: epochs 1 (reference: 3)" in captured.out
+    saved = json.loads((out / "checkpoint-100" / "topics.json").read_text())
+    assert saved["protocol"] == "custom" and saved["custom_because"] == "epochs 1 (reference: 3)"
+    assert "topics seed 42: epoch 1/1 | loss " in captured.out
+    assert "\r" not in captured.out + captured.err
+    png = (out / "glue_curve.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 7 * 120  # one panel (7 inches at 120 dpi), not two

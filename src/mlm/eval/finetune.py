@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -338,9 +340,11 @@ def train_model(
     labels_all = torch.from_numpy(data.labels)
 
     model.to(device).train()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    epoch_loss = 0.0
-    for _ in range(cfg.epochs):
+    # A bar on a terminal; in a log file carriage returns would flood it: a plain line per epoch instead.
+    show_bar = progress and sys.stderr.isatty()
+    bar = tqdm(total=total, desc=desc, disable=not show_bar, leave=False, dynamic_ncols=True)
+    epoch_loss, started = 0.0, time.time()
+    for epoch in range(cfg.epochs):
         losses = []
         for idx in train_batches(lengths, cfg.batch_size, rng, cfg.group_by_length):
             batch = collate(data, idx, device, multiple)
@@ -358,6 +362,9 @@ def train_model(
             bar.update(1)
         epoch_loss = torch.stack(losses).mean().item()  # one sync per epoch, not per step
         bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        if progress and not show_bar:
+            print(f"{desc}: epoch {epoch + 1}/{cfg.epochs} | loss {epoch_loss:.4f} | {time.time() - started:.0f}s",
+                  flush=True)
     bar.close()
     return epoch_loss
 

@@ -2,7 +2,8 @@
 
 Output of one model (`evaluate_model`, `mlm glue --model CKPT --out DIR`):
     DIR/<task>.json     every seed's scores, the median, and the recipe that made them
-    DIR/results.md      one row: Model, Step, the reference's nine columns, Avg, CoLA-MCC apart
+    DIR/results.md      one row: Model, Step, Protocol, the reference's nine columns, Avg, then CoLA-MCC and
+                        every other metric (MRPC-Acc, STS-B-Spearman, each metric of a task of your own)
     DIR/results.csv
 A pretraining run (`evaluate_run`, `mlm glue --run RUN_DIR`) keeps one such DIR per checkpoint,
 RUN_DIR/glue/checkpoint-<step>/, and writes the table over steps and glue_curve.png in RUN_DIR/glue/.
@@ -241,11 +242,14 @@ def evaluate_task(
     result = {
         "model": name, "model_path": str(Path(model_path).resolve()) if local else model_path,
         "step": step, "task": task.name, "seeds": seeds, "recipe": recipe, "protocol": protocol_name(recipe, seeds),
+        "custom_because": custom_because(recipe, seeds),
         "data": glue_dir or ("files" if task.files else "hub"),
         "train_examples": saved.get("train_examples"), "eval_examples": saved.get("eval_examples"),
         "per_seed": [done[s] for s in seeds if s in done], "complete": False,
     }
     todo = [s for s in seeds if s not in done]
+    if result["custom_because"]:
+        print(f"{task.name}: protocol custom: {result['custom_because']}")
     if todo:
         config, train, evals, max_length = prepare_task(model_path, task, cfg, glue_dir, {} if cache is None else cache)
         result["max_length_used"] = max_length  # the recipe keeps the requested one, which decides reuse
@@ -267,6 +271,20 @@ def evaluate_task(
     result["complete"] = True
     write_atomic(path, json.dumps(result, indent=2))
     return result
+
+
+def custom_because(recipe: dict, seeds: list[int]) -> str | None:
+    """Why results of this recipe and these seeds are "custom": the settings that differ from the nearest
+    protocol ("epochs 5 (reference: 3)"), or None for a protocol's own."""
+    if protocol_name(recipe, seeds) != "custom":
+        return None
+    differences = {}
+    for name, (cfg, protocol_seeds) in PROTOCOLS.items():
+        theirs = {**cfg.recipe(), "seeds": protocol_seeds}
+        ours = {**recipe, "seeds": list(seeds)}
+        differences[name] = [f"{k} {ours.get(k)!r} ({name}: {v!r})" for k, v in theirs.items() if ours.get(k) != v]
+    nearest = min(differences, key=lambda name: len(differences[name]))  # the order of PROTOCOLS breaks ties
+    return ", ".join(differences[nearest])
 
 
 def _load_saved(path: Path, recipe: dict) -> dict:
@@ -360,15 +378,27 @@ def gather_task_results(out_dir: Path) -> list[dict]:
 
 
 def _extra_columns(results: list[dict]) -> list[Column]:
-    """A column for each task outside the reference table (e.g. your own): its headline metric."""
-    fixed = {c.task for c in TABLE_COLUMNS} | {COLA_COLUMN.task}
+    """A column for every metric the reference table does not show: MRPC's accuracy, STS-B's Spearman, each
+    metric of a task of your own ("<task>-<metric>", with the split when a task has several)."""
+    fixed = {(c.task, c.split, c.metric) for c in (*TABLE_COLUMNS, COLA_COLUMN)}
     cols = []
     for r in results:
-        if r["task"] not in fixed and r.get("scores"):
-            split, metrics = next(iter(r["scores"].items()))
-            metric = next(iter(metrics))
-            cols.append(Column(f"{r['task']}-{metric}", r["task"], split, metric))
+        scores = r.get("scores") or {}
+        for split, metrics in scores.items():
+            for metric in metrics:
+                if (r["task"], split, metric) not in fixed:
+                    name, shown = GLUE_NAMES.get(r["task"], r["task"]), GLUE_METRIC_NAMES.get(metric, metric)
+                    if r["task"] not in GLUE_NAMES:
+                        shown = metric  # a task of your own: its metrics as its file names them
+                    header = f"{name}-{split}-{shown}" if len(scores) > 1 else f"{name}-{shown}"
+                    cols.append(Column(header, r["task"], split, metric))
     return cols
+
+
+# How the results table spells GLUE tasks and metrics (as the reference's columns do: MRPC-F1, SST-2-Acc).
+GLUE_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
+              "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+GLUE_METRIC_NAMES = {"accuracy": "Acc", "f1": "F1", "pearson": "Pearson", "spearman": "Spearman", "mcc": "MCC"}
 
 
 def table_row(results: list[dict], name: str | None = None, step: int | None = None) -> dict:
