@@ -45,3 +45,30 @@ def test_exported_checkpoint_gives_the_same_logits_in_plain_transformers(tokeniz
     fill = pipeline("fill-mask", model=str(tmp_path), device="cpu")
     assert len(fill(f"The cat sees a {tokenizer.mask_token} ball.", top_k=3)) == 3
     assert len(AutoTokenizer.from_pretrained(str(tmp_path))) == len(tokenizer)
+
+
+def test_the_compiled_training_forward_gives_attention_no_mask(tokenizer_dirs, family):
+    """Training windows are never padded: every SDPA call in the compiled training graph has no mask, so the
+    flash kernel can run (it refuses any mask). transformers 5.17 builds an all-True mask inside a compiled
+    graph where later versions give None; the training attention must not pass it on under either."""
+    from mlm.model.build import install_training_attention
+
+    model = build_model(hf_config(family, "tiny", load_tokenizer(tokenizer_dirs[family]), max_positions=64), seed=0)
+    install_training_attention(model)
+    loss_model = MaskedLMLoss(model).train()
+    calls = []
+
+    def inspect_graph(graph_module, example_inputs):
+        for node in graph_module.graph.nodes:
+            if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target):
+                calls.append(node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None))
+        return graph_module.forward
+
+    ids = torch.randint(5, model.config.vocab_size, (2, 32))
+    positions = torch.rand(2, 32).topk(5, dim=1).indices
+    try:
+        torch.compile(loss_model, backend=inspect_graph, fullgraph=True)(ids, positions, ids.gather(1, positions))
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == model.config.num_hidden_layers
+    assert calls == [None] * len(calls)
