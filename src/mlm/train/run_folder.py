@@ -95,12 +95,15 @@ def check_foreign_checkpoint(checkpoint: Path, run_dir: Path, cfg: PretrainConfi
         return
     differ = recipe_differences(source / CONFIG_FILE, cfg)
     if differ and _only_the_end(differ, cfg):  # a decay (or a longer run) branched from the wsd run in source
-        problem = _end_problem({**_schedule_defaults(), **recorded_train(source)}, cfg, _checkpoint_step(checkpoint))
+        recorded = {**_schedule_defaults(), **recorded_train(source)}
+        problem = _end_problem(recorded, cfg, _checkpoint_step(checkpoint))
         if problem:
+            stable = _stable_checkpoints(source, recorded)
             raise UserError(
-                f"--resume: {checkpoint} cannot start a run of another end ({', '.join(differ)}) from the wsd run in "
-                f"{source}: {problem}; branch from an earlier checkpoint, or start a new run from its weights with "
-                f"--model.init_from={checkpoint}"
+                f"--resume: {checkpoint} cannot start a run of another end (differs in {', '.join(differ)}) from the "
+                f"wsd run in {source}: {problem}; branch from a checkpoint before its decay"
+                + (f" (the latest: {stable[-1]})" if stable else "")
+                + f", or start a new run from its weights with --model.init_from={checkpoint}"
             )
         return
     if differ:
@@ -127,6 +130,12 @@ def _checkpoint_step(checkpoint: Path) -> int:
     import torch
 
     return int(torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)["step"])
+
+
+def _stable_checkpoints(run_dir: Path, recorded: dict) -> list[Path]:
+    """The checkpoints of the wsd run in run_dir (train section `recorded`) written before its decay began."""
+    start = int(recorded["steps"]) - int(recorded["decay_steps"])
+    return [c for c in checkpoint_dirs(run_dir) if _checkpoint_step(c) <= start]
 
 
 def _end_problem(recorded: dict, cfg: PretrainConfig, step: int) -> str | None:
@@ -164,7 +173,7 @@ def _check_new_end(run_dir: Path, cfg: PretrainConfig, differ: list[str], checkp
         raise UserError(f"{run_dir} already holds a different run (differs in {changes}): choose another run.out_dir")
     problem = _end_problem(recorded, cfg, _checkpoint_step(checkpoint))
     if problem:
-        stable = [c for c in checkpoints if _checkpoint_step(c) <= int(recorded["steps"]) - int(recorded["decay_steps"])]
+        stable = _stable_checkpoints(run_dir, recorded)
         branch = (f"branch it into a new folder from a checkpoint before its decay: --resume={stable[-1]} "
                   "--run.out_dir=NEW_FOLDER --train.steps=M; or " if stable else "")
         raise UserError(
