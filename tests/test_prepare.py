@@ -325,10 +325,13 @@ def test_progress_lines_and_summary(corpus, tokenizer_dirs, tmp_path):
                                       r"\([\d,]+/s\) \| [\d.,]+ MB/s \| \d+% \| ETA \d+:\d\d:\d\d", lines[-1]), lines[-1]
     assert lines[-1].startswith(f"prepare: {len(plan_units([str(corpus)], ReadOptions(), 2048))}/")
     summary = messages[-1]
-    assert __import__("re").search(r"prepared 600 documents → [\d,]+ train \+ [\d,]+ validation tokens in \d+ work unit\(s\) "
+    assert __import__("re").search(r"prepared 600 documents → [\d,]+ train \+ [\d,]+ validation tokens in \d+ work units "
                                    r"\| 1 empty documents skipped \| 0 invalid UTF-8 sequences replaced \| 2.00 bytes/token on disk "
-                                   r"\| \d+\.\ds → ",
-                                   summary), summary
+                                   r"\| \d+\.\ds for this whole command \(tokenizer loading, planning, tokenizing and the "
+                                   r"manifest\) → ", summary), summary
+    # the two durations say what each covers
+    assert __import__("re").fullmatch(r"this run tokenized \d+ work units \(600 documents, [\d,]+ tokens\) in \d+\.\ds "
+                                      r"\([\d,]+ tokens/s, [\d.]+ MB/s of input, 1 worker\)", messages[-2]), messages[-2]
 
 
 def test_a_stream_of_more_parts_than_open_files(reference, monkeypatch):

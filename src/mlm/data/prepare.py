@@ -627,9 +627,14 @@ def _process_share(cfg: PrepareConfig, plan: dict, work: Path, log) -> None:
         log(progress.line())
     elapsed = time.time() - start
     if finished:
-        log(f"this run: {finished} work units, {progress.docs:,} documents, {progress.tokens:,} tokens in {elapsed:.1f}s "
-            f"({progress.tokens / max(elapsed, 1e-9):,.0f} tokens/s, {progress.bytes / max(elapsed, 1e-9) / 1e6:,.1f} MB/s "
-            f"of input, {cfg.workers} worker(s))")
+        log(f"this run tokenized {_count(finished, 'work unit')} ({progress.docs:,} documents, {progress.tokens:,} "
+            f"tokens) in {elapsed:.1f}s ({progress.tokens / max(elapsed, 1e-9):,.0f} tokens/s, "
+            f"{progress.bytes / max(elapsed, 1e-9) / 1e6:,.1f} MB/s of input, {_count(cfg.workers, 'worker')})")
+
+
+def _count(n: int, noun: str) -> str:
+    """"1 work unit", "3 work units"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _missing_units(work: Path, count: int) -> list[int]:
@@ -734,10 +739,11 @@ def _finalize(work: Path, out_dir: Path, log, started: float) -> dict:
     _lock_path(out_dir).unlink(missing_ok=True)
     log(
         f"prepared {stats.documents:,} documents → {splits['train']['tokens']:,} train + "
-        f"{splits['validation']['tokens']:,} validation tokens in {len(records)} work unit(s) | "
+        f"{splits['validation']['tokens']:,} validation tokens in {_count(len(records), 'work unit')} | "
         f"{stats.empty:,} empty documents skipped | {stats.bad_utf8:,} invalid UTF-8 sequences replaced"
         + (f" | {duplicates:,} duplicates removed" if settings["dedup"] else "")
-        + f" | {disk / max(tokens, 1):.2f} bytes/token on disk | {time.time() - started:.1f}s → {out_dir}"
+        + f" | {disk / max(tokens, 1):.2f} bytes/token on disk | {time.time() - started:.1f}s for this whole command "
+        f"(tokenizer loading, planning, tokenizing and the manifest) → {out_dir}"
     )
     return manifest
 
