@@ -30,8 +30,9 @@ def tagged_blocks(readme: str) -> list[list[str]]:
 
 def test_readme_blocks_are_found():
     blocks = tagged_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) == 2 and all(blocks)
+    assert len(blocks) == 3 and all(blocks)
     assert any("--system.strategy=deepspeed" in command for command in blocks[1])
+    assert any("--system.strategy=deepspeed" in command for command in blocks[2])
 
 
 def test_the_readme_commands_run_as_written(tmp_path):
@@ -44,5 +45,5 @@ def test_the_readme_commands_run_as_written(tmp_path):
             result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                                     timeout=600)
             assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
-    for run in ("tiny", "tiny-2", "ddp", "fsdp", "ds"):
+    for run in ("tiny", "tiny-2", "modernbert-tiny", "mb-ddp", "mb-fsdp", "mb-ds", "ddp", "fsdp", "ds"):
         assert (tmp_path / "runs" / run / "checkpoint-4" / "model.safetensors").is_file(), run

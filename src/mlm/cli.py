@@ -236,7 +236,7 @@ def _run_bench(args: argparse.Namespace) -> None:
 def _add_glue(subparsers) -> None:
     p = subparsers.add_parser(
         "glue", help="fine-tune and evaluate checkpoints on GLUE",
-        description="Fine-tune and score a Hugging Face BERT/RoBERTa checkpoint (--model) or every checkpoint "
+        description="Fine-tune and score a Hugging Face BERT/RoBERTa/ModernBERT checkpoint (--model) or every checkpoint "
         "of a pretraining run (--run) on GLUE; writes per-task JSON, results.md / results.csv, and a curve.",
     )
     which = p.add_mutually_exclusive_group(required=True)
