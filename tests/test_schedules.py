@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
-import math
+import os
 import shutil
 import subprocess
 import sys
@@ -242,3 +243,71 @@ def test_a_run_recorded_before_the_schedules_existed_is_the_same_recipe(tmp_path
     assert recipe_differences(tmp_path / CONFIG_FILE, cfg) == []
     cfg.train.min_lr = 1e-4
     assert recipe_differences(tmp_path / CONFIG_FILE, cfg) == ["train.min_lr"]
+
+
+# ---- DeepSpeed: one rate, ours ------------------------------------------------------------------------
+
+ZERO2 = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json"
+
+
+def deepspeed_config(*overrides: str) -> PretrainConfig:
+    return load_config(None, ["--train.steps=100", "--train.warmup_steps=10", "--train.global_batch=32",
+                              "--train.lr=5e-4", "--system.micro_batch=4", "--system.precision=bf16", *overrides])
+
+
+@pytest.mark.parametrize("schedule", [
+    ["--train.schedule=wsd", "--train.decay_steps=20"],
+    ["--train.schedule=cosine"],
+    ["--train.min_lr=1e-5"],
+])
+def test_deepspeed_s_auto_scheduler_leaves_every_schedule_to_mlm(schedule, tmp_path):
+    """The shipped file's WarmupDecayLR ("auto" values) is dropped under every schedule: DeepSpeed steps no
+    scheduler and the loop sets learning_rate() on its optimizer every step. Explicit values describe DeepSpeed's
+    linear decay to 0, which is not this run's: refused by name."""
+    from mlm.train.deepspeed_config import resolve_deepspeed_config
+
+    cfg = deepspeed_config(*schedule)
+    assert "scheduler" not in resolve_deepspeed_config(ZERO2, cfg, 2, "cuda")
+    explicit = json.loads(ZERO2.read_text())
+    explicit["scheduler"]["params"]["total_num_steps"] = 100  # equal to train.steps, but a linear decay to 0
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(explicit))
+    with pytest.raises(UserError) as e:
+        resolve_deepspeed_config(path, cfg, 2, "cuda")
+    assert f"{path}: scheduler.params.total_num_steps=100: an explicit WarmupDecayLR describes a linear decay to 0, " \
+           "not this run's train.schedule=" in str(e.value) and 'write "auto"' in str(e.value)
+    # Under the reference schedule the same explicit values are ours, as before.
+    assert "scheduler" not in resolve_deepspeed_config(path, deepspeed_config(), 2, "cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason='needs the deepspeed extra: pip install -e ".[deepspeed]"')
+def test_deepspeed_trains_a_wsd_run_at_mlm_s_rates(data_dirs, tmp_path):
+    """The shipped ZeRO-2 file (fp32 here) under wsd with a 1-sqrt decay: the same losses as one plain process,
+    step for step through the decay, so DeepSpeed applied learning_rate() and no scheduler of its own."""
+    config = json.loads(ZERO2.read_text())
+    config["bf16"]["enabled"] = False
+    zero2_fp32 = tmp_path / "zero2-fp32.json"
+    zero2_fp32.write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+    def run(out: str, *extra: str) -> dict[int, float]:
+        args = [f"--data.data_dir={data_dirs['roberta']}", "--model.size=tiny", "--model.max_positions=64",
+                "--model.dropout=0.0", "--data.seq_len=32", "--train.steps=8", "--train.global_batch=16",
+                "--train.lr=2e-3", "--train.warmup_steps=2", "--train.schedule=wsd", "--train.decay_steps=4",
+                "--train.decay_shape=1-sqrt", "--train.min_lr=2e-4", "--system.micro_batch=4", "--system.device=cpu",
+                "--system.compile=off", f"--run.out_dir={tmp_path / out}", "--run.log_every=1",
+                "--run.checkpoint_every=8", "--run.progress=false", "--eval.every=0", *extra]
+        result = subprocess.run([sys.executable, "-m", "mlm", "pretrain", *args], capture_output=True, text=True,
+                                env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return losses(tmp_path / out)
+
+    plain = run("plain")
+    deepspeed = run("deepspeed", "--system.strategy=deepspeed", f"--system.deepspeed_config={zero2_fp32}")
+    assert sorted(deepspeed) == list(range(1, 9))
+    assert [deepspeed[s] for s in range(1, 9)] == pytest.approx([plain[s] for s in range(1, 9)], abs=1e-5)
+    cfg = load_config(None, ["--train.steps=8", "--train.lr=2e-3", "--train.warmup_steps=2", "--train.schedule=wsd",
+                             "--train.decay_steps=4", "--train.decay_shape=1-sqrt", "--train.min_lr=2e-4"])
+    assert logged_lrs(tmp_path / "deepspeed") == {s: learning_rate(s - 1, cfg.train) for s in range(1, 9)}

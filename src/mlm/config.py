@@ -96,7 +96,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     data_dir: str = "data"
-    """Folder written by `mlm prepare` (manifest.json + token shards); with data.sources, leave it unset."""
+    """Folder written by `mlm prepare` (manifest.json + token shards); with data.sources, leave it out (empty
+    unsets a recipe's)."""
     sources: dict[str, float] = field(default_factory=dict)
     """Train on several folders written by `mlm prepare` instead of data_dir, each with a weight: a [data.sources]
     table of folder = weight, or --data.sources='{"data/wiki" = 1, "data/books" = 3}'. Every step's global batch
@@ -115,6 +116,8 @@ class DataConfig:
     """Bernoulli(mask_rate) per token instead of a fixed count per sequence."""
 
     def __post_init__(self) -> None:
+        if self.sources and not self.data_dir.strip():  # --data.data_dir= unsets a recipe's folder
+            self.data_dir = DataConfig.data_dir
         if not self.data_dir.strip():
             raise UserError("data.data_dir is empty: name the folder `mlm prepare` wrote")
         if self.sources:
@@ -127,7 +130,7 @@ class DataConfig:
     def _check_sources(self) -> None:
         if self.data_dir != DataConfig.data_dir:  # the default: the one spelling of "not set" a dataclass has
             raise UserError(f"data.data_dir={self.data_dir} and data.sources are both set: list every folder in "
-                            "data.sources (data.data_dir is the spelling for one folder)")
+                            "data.sources and leave data.data_dir out (over a recipe that sets it: --data.data_dir=)")
         names: dict[str, str] = {}
         for folder, weight in self.sources.items():
             name = Path(folder).name
