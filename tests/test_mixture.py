@@ -275,11 +275,19 @@ def test_sources_as_a_toml_table_and_inline_on_the_command_line(tmp_path):
     inline = load_config(None, ['--data.sources={"data/wiki" = 1, "data/books" = 3}'])
     assert inline.data.sources == {"data/wiki": 1.0, "data/books": 3.0}
     assert inline.data.folders == ["data/books", "data/wiki"]
+    # Over a shipped recipe, which names its one folder: --data.data_dir= leaves it out.
+    over = load_config("configs/roberta-medium.toml", ["--data.data_dir=", '--data.sources={"data/wiki" = 1}'])
+    assert over.data.folders == ["data/wiki"] and over.data.data_dir == "data"
+    with pytest.raises(UserError, match="data.data_dir=data/roberta and data.sources are both set"):
+        load_config("configs/roberta-medium.toml", ['--data.sources={"data/wiki" = 1}'])
+    with pytest.raises(UserError, match="data.data_dir is empty"):
+        load_config(None, ["--data.data_dir="])
 
 
 @pytest.mark.parametrize("overrides, message", [
     (['--data.sources={"data/wiki" = 1}', "--data.data_dir=data/books"],
-     "data.data_dir=data/books and data.sources are both set: list every folder in data.sources"),
+     "data.data_dir=data/books and data.sources are both set: list every folder in data.sources and leave "
+     "data.data_dir out (over a recipe that sets it: --data.data_dir=)"),
     (['--data.sources={"data/wiki" = 0}'], "data.sources: the weight of data/wiki must be a positive finite number, got 0.0"),
     (['--data.sources={"data/wiki" = -1}'], "must be a positive finite number, got -1.0"),
     (['--data.sources={"data/wiki" = inf}'], "must be a positive finite number, got inf"),
