@@ -1,4 +1,10 @@
-"""Write a folder so that it appears whole or not at all."""
+"""Write a folder or a file so that it appears whole or not at all, and never through a symbolic link.
+
+mlm writes small files (a run's config.json, metrics.jsonl, the lock's owner, results) into folders a user
+names, which may hold links someone else planted or a careless copy left: a write that followed a link would
+overwrite the file it points to. `write_file` writes a new file and renames it into place (a link under the
+name is replaced, its target untouched); `open_append` refuses to append through a link.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,11 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
+
+from mlm.errors import UserError
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # absent on Windows, which has no such links to plant
 
 
 @contextmanager
@@ -30,6 +40,42 @@ def atomic_dir(out_dir: str | Path) -> Iterator[Path]:
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_file(path: str | Path, data: str | bytes) -> None:
+    """Replace `path` with a file holding `data` (text as UTF-8): written under a new name beside it, created
+    exclusively (never an existing file, never through a link), then renamed over `path`. A link at `path` is
+    replaced by the file and what it pointed to is left as it was; a crash leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a killed write of this process id (a file or a link: not followed)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_append(path: str | Path) -> IO[str]:
+    """`path` opened for appending text (created if absent), refusing a symbolic link in its place: appending
+    through one would grow the file it points to."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+            raise UserError(f"{path} is a symbolic link: mlm does not write through links; remove it (or move the "
+                            "file it points to in its place)") from None
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def refuse_link(path: str | Path) -> None:
+    """A file that a library opens itself (a lock file) must not be a symbolic link."""
+    if Path(path).is_symlink():
+        raise UserError(f"{path} is a symbolic link: mlm does not write through links; remove it")
 
 
 _NETWORK_ERRORS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT,

@@ -24,6 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlm.atomic import write_file
 from mlm.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -579,7 +580,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: PretrainConfig, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    tmp.replace(path)
+    write_file(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

@@ -38,6 +38,7 @@ import numpy as np
 
 from mlm.data.corpus import (DEMO_SOURCE, HF_PREFIX, ReadOptions, ReadStats, Unit, check_sources, input_fingerprint,
                              plan_units, read_unit)
+from mlm.atomic import refuse_link, write_file
 from mlm.errors import UserError
 from mlm.tokenizer import load_tokenizer, save_tokenizer, tokenizer_family, tokenizer_fingerprint
 
@@ -157,6 +158,7 @@ def _lock(out_dir: Path):
     from filelock import FileLock
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    refuse_link(_lock_path(out_dir))  # filelock 3 opens it with O_TRUNC, emptying the file a link points to
     return FileLock(str(_lock_path(out_dir)))
 
 
@@ -226,10 +228,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write whole or not at all: a temporary name, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write whole or not at all, never through a link: a new file, then a rename."""
+    write_file(path, json.dumps(data, indent=2) + "\n")
 
 
 def _open_work_dir(work: Path, plan: dict, tokenizer, overwrite: bool, log) -> bool:

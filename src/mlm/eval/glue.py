@@ -17,12 +17,12 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlm.atomic import write_file
 from mlm.errors import UserError
 from mlm.eval.finetune import (PROTOCOLS, FinetuneConfig, encode, finetune_encoded, load_config, load_tokenizer,
                                protocol_name, subsample, usable_max_length, uses_token_types)
@@ -44,9 +44,7 @@ SMALL_HIDDEN = 256  # models this narrow or narrower usually need a larger fine-
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name, then rename: a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_file(path, text)
 
 
 @contextmanager
@@ -72,7 +70,7 @@ def check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
-        probe.write_text("")
+        write_file(probe, "")
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write results to {out_dir} ({e.strerror or e}): choose another --out") from None

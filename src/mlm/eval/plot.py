@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
+
+from mlm.atomic import write_file
 
 from mlm.eval.tasks import REFERENCE_ROWS, TABLE_COLUMNS
 
@@ -44,12 +46,11 @@ def plot_curve(rows: list[dict], path: str | Path, title: str = "GLUE score over
     ax_tasks.legend(fontsize=7, ncol=2)
     fig.tight_layout()
 
-    path = Path(path)
+    path, png = Path(path), io.BytesIO()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)  # never a half-written PNG under the real name
+    write_file(path, png.getvalue())  # never a half-written PNG under the real name, nor one written through a link
     return path
 
 

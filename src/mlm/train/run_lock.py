@@ -1,7 +1,8 @@
 """One process trains in a run folder at a time: an advisory OS lock held by the main rank.
 
 The operating system releases the lock when the process ends, however it ends, so a killed run never
-leaves its folder locked. Who holds it (host, pid) is written beside the lock for the error message.
+leaves its folder locked. Who holds it (host, pid) is written beside the lock for the error message. Neither
+file is ever written through a symbolic link planted under its name.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from mlm.atomic import refuse_link, write_file
 from mlm.errors import UserError
 
 LOCK_FILE = ".lock"
@@ -20,6 +22,7 @@ OWNER_FILE = ".lock.owner"
 
 def lock_run_dir(run_dir: Path) -> FileLock:
     """Take the run folder's lock (the folder exists), or fail naming the process that holds it."""
+    refuse_link(run_dir / LOCK_FILE)  # filelock 3 opens it with O_TRUNC, emptying the file a link points to
     lock = FileLock(str(run_dir / LOCK_FILE))
     try:
         lock.acquire(timeout=0)
@@ -32,5 +35,5 @@ def lock_run_dir(run_dir: Path) -> FileLock:
             f"{run_dir} is in use by another mlm pretrain ({owner}): wait for it to finish, stop it, or choose "
             "another run.out_dir"
         ) from None
-    (run_dir / OWNER_FILE).write_text(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    write_file(run_dir / OWNER_FILE, f"host {socket.gethostname()}, pid {os.getpid()}\n")
     return lock
