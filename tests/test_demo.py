@@ -78,3 +78,32 @@ def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path):
 def test_bad_minutes_are_one_line(tmp_path):
     with pytest.raises(UserError, match="--minutes must be a positive number"):
         run_demo(tmp_path / "demo", minutes=0, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_a_demo_stopped_by_sigterm_says_where_and_keeps_what_it_measured(tmp_path):
+    import os
+    import signal
+
+    out, lines = tmp_path / "demo", []
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("[3/6]"):  # a real SIGTERM, as a scheduler sends it, once the data is prepared
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):  # without the demo's own handling the test fails here, not by killing pytest
+        raise AssertionError("the demo let SIGTERM through")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        facts = run_demo(out, steps=2, log=log)
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the demo's handler only while it runs
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert facts["stopped_by"] == "SIGTERM" and facts["stopped_during"] == "[3/6] scoring the random initialisation"
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(facts))
+    assert facts["vocab_size"] > 0 and facts["train_tokens"] > 0 and facts["documents"] == 2225
+    assert lines[-1] == (f"stopped by SIGTERM during [3/6] scoring the random initialisation: what was measured "
+                         f"before is in {out / 'report.json'} (documents, vocab_size, seconds, train_tokens, "
+                         "val_tokens); run mlm demo again for the whole report")

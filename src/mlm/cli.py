@@ -189,9 +189,13 @@ def _add_demo(subparsers) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
+    import signal
+
     from mlm.demo import run_demo
 
-    run_demo(args.out, minutes=args.minutes, steps=args.steps)
+    facts = run_demo(args.out, minutes=args.minutes, steps=args.steps)
+    if facts.get("stopped_by"):  # stopped by a signal, what was measured kept: the shell's 128 + signal number
+        sys.exit(128 + signal.Signals[facts["stopped_by"]].value)
 
 
 # ---- end tokenizer, prepare, pretrain, demo --------------------------------------------------

@@ -12,12 +12,14 @@ the budget leaves for it on this machine. Every figure in the report is measured
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -419,6 +421,51 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps:
     hf_logging.disable_progress_bar()  # transformers' save and load bars: stderr is for the one error line
     out = Path(out)
     _prepare_out_dir(out)
+    state = {"stage": "[1/6] the tokenizer", "measured": {}}
+    try:
+        with _stop_on_signals():
+            return _demo_stages(out, minutes, steps, log, state)
+    except DemoStopped as stopped:
+        return _report_stop(out, stopped.signal, state, log)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class DemoStopped(Exception):
+    """A signal stopped the demo between two of its figures."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal = signal_name
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGHUP stop the demo where it is, keeping what it measured (pretraining handles them itself:
+    it writes a checkpoint and returns)."""
+    def stop(signum, frame):
+        raise DemoStopped(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _report_stop(out: Path, signal_name: str, state: dict, log) -> dict:
+    """Write what was measured before the stop to report.json, and say where the demo stopped."""
+    facts = {"stopped_by": signal_name, "stopped_during": state["stage"], **state["measured"]}
+    (out / "report.json").write_text(json.dumps(facts, indent=2) + "\n")
+    log(f"stopped by {signal_name} during {state['stage']}: what was measured before is in {out / 'report.json'} "
+        f"({', '.join(state['measured']) or 'nothing yet'}); run mlm demo again for the whole report")
+    return facts
+
+
+def _demo_stages(out: Path, minutes: float, steps: int | None, log, state: dict) -> dict:
+    """The demo's six stages; `state` follows them (the stage, the figures measured so far) for a stop."""
     began = time.time()
     stage = Stage({})
 
@@ -428,6 +475,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps:
     held_out_texts = [text for i, (text, _) in enumerate(docs) if is_validation(i, VAL_FRACTION)]
     tokenizer = train_tokenizer(train_texts, "roberta", VOCAB_SIZE, out / "tokenizer", model_max_length=SEQ_LEN)
     log(f"[1/6] tokenizer: {len(tokenizer):,} tokens ({stage.timed('tokenizer', start):.1f}s)")
+    state["measured"].update(documents=len(docs), vocab_size=len(tokenizer), seconds=stage.seconds)
+    state["stage"] = "[2/6] data preparation"
 
     start = time.time()
     manifest = prepare(
@@ -436,6 +485,9 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps:
         log=lambda msg: log(f"      {msg}"),
     )
     log(f"[2/6] data prepared ({stage.timed('prepare', start):.1f}s)")
+    state["measured"].update(train_tokens=manifest["splits"]["train"]["tokens"],
+                             val_tokens=manifest["splits"]["validation"]["tokens"])
+    state["stage"] = "[3/6] scoring the random initialisation"
 
     log("[3/6] the random initialisation (pretraining's step 0): masked tokens, fill-mask, topics")
     start = time.time()
@@ -449,6 +501,8 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps:
         "topics": topic_accuracies(initial, train_topics, held_out_topics, topic_names, progress=sys.stderr.isatty()),
     }
     scoring_s = stage.timed("random init scored", start)
+    state["measured"]["random init"] = random_side
+    state["stage"] = "[4/6] pretraining"
 
     if steps is None:
         left = minutes * 60 - (time.time() - began) - scoring_s - RESERVE_S  # the pretrained side costs the same
@@ -461,15 +515,23 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps:
         log(f"[4/6] pretraining RoBERTa-tiny for the {left:.0f}s the budget leaves")
     else:
         cfg, budget = demo_config(out, steps=steps), ""
-        log(f"[4/6] pretraining RoBERTa-tiny for {steps} steps")
+        log(f"[4/6] pretraining RoBERTa-tiny for {steps} step{'s' if steps != 1 else ''}")
     start = time.time()
     summary = pretrain(cfg, log=lambda msg: log(f"      {msg}"))
     pretrain_s = stage.timed("pretraining", start)
+    if summary["stopped_by"]:  # pretraining took the signal: its checkpoint is written
+        state["stage"] = f"[4/6] pretraining (checkpoint {summary['checkpoint']})"
+        state["measured"]["pretraining"] = {"steps_planned": summary["steps"], "checkpoint": summary["checkpoint"],
+                                            "seconds": pretrain_s}
+        raise DemoStopped(summary["stopped_by"])
     checkpoint = Path(summary["checkpoint"])
     metrics = read_metrics(out / "run")
     train_losses = [m for m in metrics if "loss" in m]
     val_losses = [m for m in metrics if "val_loss" in m]
     plot_loss_curve(metrics, out / "loss_curve.png")
+    state["measured"]["pretraining"] = {"steps": summary["steps"], "checkpoint": summary["checkpoint"],
+                                        "seconds": pretrain_s, "last_loss": summary["train_loss"]}
+    state["stage"] = "[5/6] scoring the pretrained model"
 
     log("[5/6] the pretrained model: masked tokens, fill-mask, topics")
     start = time.time()
