@@ -265,7 +265,7 @@ def bench(cfg: PretrainConfig, steps: int = 5, warmup: int = 2, baseline: bool =
             f"bench: {describe(s.hf_model.config)}, seq {T}, dropout {cfg.model.dropout}, on {device_name} "
             f"({s.precision}{', compiled ' + cfg.system.compile_mode if s.compiled else ''}), "
             f"global batch {cfg.train.global_batch} = micro_batch {cfg.system.micro_batch} × accumulation {s.accum}; "
-            f"{steps} timed steps after {warmup} warm-up; {'synthetic tokens' if synthetic else cfg.data.data_dir}"
+            f"{steps} timed steps after {warmup} warm-up; {'synthetic tokens' if synthetic else ', '.join(cfg.data.folders)}"
         )
         ours = time_steps(lambda step: train_step(s, step), device, warmup, steps, tokens_per_step, flops_per_step, peak)
         log(_line("mlm path", ours, cfg.system.micro_batch, device))
