@@ -9,18 +9,30 @@ than handed to DeepSpeed, which would otherwise build a second optimizer or step
 A WarmupDecayLR with explicit values describes the linear schedule decaying to 0; under any other schedule
 (train.schedule cosine or wsd, or train.min_lr above 0) only its "auto" form, which leaves the rate to mlm,
 is accepted.
-This module does not import deepspeed: it is an optional extra.
+
+The file is also read the way DeepSpeed reads it, before the model is built (`check_deepspeed_config`): a
+top-level key DeepSpeed does not know, which it would ignore in silence ("gradient_clippin" leaves clipping
+at 1.0), is refused naming the closest known one, and every section goes through DeepSpeed's own config
+models (an unknown key inside zero_optimization, a wrong type), so no mistake waits for deepspeed.initialize.
+deepspeed is an optional extra, imported only for that; without it that part is skipped (and training with
+it refused).
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
+import functools
+import importlib.util
 import json
 import math
+import typing
+from collections.abc import KeysView
 from pathlib import Path
 from typing import Any
 
 from mlm.config import PretrainConfig
-from mlm.errors import UserError
+from mlm.errors import UserError, first_line
 
 AUTO = "auto"
 # DeepSpeed prints its own progress line every `steps_per_print` steps; mlm does its own logging.
@@ -92,6 +104,127 @@ class _Resolver:
         params = self.section(section, f"{key}.params", "params", create=True)
         self.unknown(params, allowed_params, f"{key}.params.")
         return section, params
+
+
+class _Reads(dict):
+    """A dict that notes the keys DeepSpeed asks it for, in order (how its config code looks a key up: [k], .get(k),
+    `k in d`, `k in d.keys()`)."""
+
+    def __init__(self, data: dict) -> None:
+        super().__init__(data)
+        self.asked: list = []
+
+    def __getitem__(self, key):
+        self.asked.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.asked.append(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.asked.append(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        reads = self
+
+        class Keys(KeysView):
+            def __contains__(self, key) -> bool:
+                return reads.__contains__(key)
+
+        return Keys(self)
+
+
+def _read_by_deepspeed(ds: dict, asked: list) -> object:
+    """DeepSpeed's own reading of a config file (`DeepSpeedConfig._initialize_params`: every section through its
+    config models; no batch arithmetic, no process group): the parsed config. The top-level keys it asked for go
+    to `asked`, in order, also when it raises (what DeepSpeed raises)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    reads = _Reads(copy.deepcopy(ds))
+    reads.asked = asked
+    parsed = DeepSpeedConfig.__new__(DeepSpeedConfig)
+    parsed._initialize_params(reads)
+    return parsed
+
+
+@functools.lru_cache(maxsize=1)
+def deepspeed_keys() -> frozenset[str]:
+    """The top-level keys the installed DeepSpeed reads: those its config code asks a file for."""
+    asked: list = []
+    _read_by_deepspeed({"": None}, asked)  # one entry: some sections are looked for only in a non-empty file
+    return frozenset(key for key in asked if isinstance(key, str) and key)
+
+
+def _closest(key: str, known) -> str:
+    match = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def _model_fields(title: str, loc: tuple) -> set[str]:
+    """The settings (names and aliases) of DeepSpeed's config model class `title`, at the nested place `loc`."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    model = next((cls for cls in subclasses(DeepSpeedConfigModel) if cls.__name__ == title), None)
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return set()
+        annotation = model.model_fields[part].annotation
+        nested = [t for t in (annotation, *typing.get_args(annotation))
+                  if isinstance(t, type) and issubclass(t, DeepSpeedConfigModel)]
+        model = nested[0] if nested else None
+    if model is None:
+        return set()
+    return set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+
+
+def _deepspeed_reads(r: "_Resolver", ds: dict) -> None:
+    """Refuse what DeepSpeed would ignore (an unknown top-level key) or refuse only in deepspeed.initialize, after
+    the model is built, each in one line naming the key; and ZeRO-Offload, which needs DeepSpeed's own optimizer."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    import deepspeed.runtime.config as ds_config
+    from pydantic import ValidationError
+
+    try:
+        getattr(ds_config, "_reject_removed_config_keys", lambda _: None)(ds)  # elasticity, sparse_attention, …
+    except ds_config.DeepSpeedConfigError as e:
+        raise r.fail(f"DeepSpeed refuses it: {first_line(e)}") from None
+    known = deepspeed_keys()
+    for key in ds:
+        if key not in known:
+            raise r.fail(f"{key} is not a DeepSpeed setting{_closest(key, known)}")
+    asked: list = []
+    try:
+        parsed = _read_by_deepspeed(ds, asked)
+    except Exception as e:  # a section's config model (pydantic), DeepSpeedConfigError, AssertionError, TypeError…
+        section = next((key for key in reversed(asked) if key in ds), None)  # the one DeepSpeed was reading
+        if isinstance(e, ValidationError):
+            error = e.errors()[0]
+            dotted = ".".join(str(part) for part in ([section] if section else []) + list(error["loc"]))
+            if error["type"] == "extra_forbidden":
+                fields = _model_fields(e.title, tuple(error["loc"][:-1]))
+                raise r.fail(f"{dotted} is not a DeepSpeed setting{_closest(str(error['loc'][-1]), fields)}") from None
+            raise r.fail(f"{dotted}: {error['msg']} (got {_show(error.get('input'))})") from None
+        if section is not None and isinstance(e, TypeError) and "must be a mapping" in str(e):
+            raise r.fail(f"{section} must be an object, got {_show(ds[section])}") from None
+        raise r.fail(f"DeepSpeed refuses it{f' ({section})' if section else ''}: {first_line(e)}") from None
+    zero = parsed.zero_config
+    if zero.offload_optimizer is not None and str(zero.offload_optimizer.device) != "none":
+        raise r.fail(
+            f"zero_optimization.offload_optimizer (device {zero.offload_optimizer.device}) is not supported: DeepSpeed "
+            "offloads only its own CPU optimizer, and mlm steps its own AdamW; remove it (for less memory: a smaller "
+            "system.micro_batch, more ranks, or system.strategy=fsdp)"
+        )
+    if zero.offload_param is not None and str(zero.offload_param.device) != "none":
+        raise r.fail("zero_optimization.offload_param is not supported: it needs ZeRO stage 3, which mlm does not "
+                     "use; remove it")
 
 
 def _read(path: Path) -> dict:
@@ -214,28 +347,44 @@ def _leftover_auto(r: _Resolver, node: Any, dotted: str) -> None:
             _leftover_auto(r, value, f"{dotted}[{i}]")
 
 
-def resolve_deepspeed_config(path: str | Path, cfg: PretrainConfig, accum: int, device_type: str) -> dict:
-    """The dict for `deepspeed.initialize(config=...)`: the file at `path` with every "auto" filled from `cfg`.
-
-    `accum` is the gradient accumulation steps the trainer computed (global_batch / (micro_batch × world));
-    `device_type` ("cuda" or "cpu") resolves system.precision=auto. Raises UserError, one line naming the file
-    and the dotted key, for an unreadable file, an explicit value that contradicts `cfg`, an "auto" mlm cannot
-    fill, fp16, ZeRO stage 0 or 3, or an optimizer/scheduler that is not ours.
-    """
-    path = Path(path)
+def _resolve_settings(path: Path, cfg: PretrainConfig, device_type: str) -> tuple[_Resolver, dict]:
+    """Everything about the file that needs no micro-batch: DeepSpeed's reading, then ours."""
     ds = _read(path)
     r = _Resolver(path)
+    _deepspeed_reads(r, ds)
     t = cfg.train
     r.match(ds, "train_batch_size", "train_batch_size", t.global_batch, "train.global_batch")
-    r.match(ds, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", cfg.system.micro_batch,
-            "system.micro_batch")
-    r.match(ds, "gradient_accumulation_steps", "gradient_accumulation_steps", accum,
-            "train.global_batch/(system.micro_batch*world_size)")
     r.match(ds, "gradient_clipping", "gradient_clipping", float(t.grad_clip), "train.grad_clip")
     _precision(r, ds, cfg, device_type)
     _zero_stage(r, ds)
     _scheduler(r, ds, cfg)
     _optimizer(r, ds, cfg)
+    return r, ds
+
+
+def check_deepspeed_config(path: str | Path, cfg: PretrainConfig, device_type: str) -> None:
+    """Refuse, before the model is built, a file that `resolve_deepspeed_config` would refuse: all but the
+    micro-batch and accumulation steps, which system.micro_batch=auto measures on the built model."""
+    r, ds = _resolve_settings(Path(path), cfg, device_type)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        ds.pop(key, None)
+    _leftover_auto(r, ds, "")
+
+
+def resolve_deepspeed_config(path: str | Path, cfg: PretrainConfig, accum: int, device_type: str) -> dict:
+    """The dict for `deepspeed.initialize(config=...)`: the file at `path` with every "auto" filled from `cfg`.
+
+    `accum` is the gradient accumulation steps the trainer computed (global_batch / (micro_batch × world));
+    `device_type` ("cuda" or "cpu") resolves system.precision=auto. Raises UserError, one line naming the file
+    and the dotted key, for an unreadable file, a key DeepSpeed does not know or refuses, ZeRO-Offload, an explicit
+    value that contradicts `cfg`, an "auto" mlm cannot fill, fp16, ZeRO stage 0 or 3, or an optimizer/scheduler
+    that is not ours.
+    """
+    r, ds = _resolve_settings(Path(path), cfg, device_type)
+    r.match(ds, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", cfg.system.micro_batch,
+            "system.micro_batch")
+    r.match(ds, "gradient_accumulation_steps", "gradient_accumulation_steps", accum,
+            "train.global_batch/(system.micro_batch*world_size)")
     _leftover_auto(r, ds, "")
     ds.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
     ds.setdefault("wall_clock_breakdown", False)

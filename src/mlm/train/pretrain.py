@@ -26,6 +26,7 @@ from filelock import FileLock
 from torch import nn
 
 from mlm import dist
+from mlm.atomic import open_append
 from mlm.config import PretrainConfig, save_config
 from mlm.data.loader import BatchLoader
 from mlm.data.masking import MaskingSpec, mask_tokens, masked_count
@@ -211,6 +212,10 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     new_budget = bool(cfg.train.budget) and cfg.train.budget != recorded_train(run_dir).get("budget")
     if new_budget:  # tokens fix the steps by arithmetic, before anything is written
         cfg = fit_token_budget(cfg, log if info.is_main else lambda _: None)
+    if strategy == "deepspeed":  # the whole file now, not after the model is built and DeepSpeed's ops compiled
+        from mlm.train.deepspeed_config import check_deepspeed_config
+
+        check_deepspeed_config(cfg.system.deepspeed_config, cfg, device.type)
     # The main rank reads the checkpoints (every file's checksum); the other ranks take its answer.
     checkpoint = dist.broadcast_from_main(checkpoint_to_resume(run_dir, resume, log) if info.is_main else None, info)
     if isinstance(checkpoint, UserError):
@@ -608,7 +613,7 @@ class GlueQueue:
                     *shlex.split(cfg.eval.glue_args)]
         if cfg.eval.glue_dir:
             command += ["--glue-dir", cfg.eval.glue_dir]
-        with open(out / "glue.log", "a") as log_file:
+        with open_append(out / "glue.log") as log_file:
             return subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
