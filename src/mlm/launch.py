@@ -63,7 +63,9 @@ def failure_report(failures: dict) -> tuple[str | None, int]:
 
 
 def check_launcher_options(args) -> None:
-    """Refuse what torchrun would refuse only with a traceback (an AssertionError for 0 processes)."""
+    """Refuse what torchrun would refuse only with a traceback (an AssertionError for 0 processes, a ValueError
+    for a port beyond 65535)."""
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
     from torch.distributed.run import config_from_args
 
     count = str(args.nproc_per_node)
@@ -71,7 +73,9 @@ def check_launcher_options(args) -> None:
         raise UserError(f"mlm launch: --nproc-per-node must be a positive number of processes (or auto, gpu, cpu), "
                         f"got {count!r}")
     try:
-        config_from_args(args)
+        config = config_from_args(args)[0]
+        if config.rdzv_endpoint.strip():  # what the agent parses only once it has started (--master-port, --rdzv-endpoint)
+            parse_rendezvous_endpoint(config.rdzv_endpoint.strip(), default_port=29400)
     except (ValueError, AssertionError, RuntimeError) as e:
         raise UserError(f"mlm launch: {first_line(e)} (see mlm launch --help)") from None
 
@@ -80,6 +84,7 @@ def launch(argv: list[str]) -> int:
     """Run torchrun with `-m mlm COMMAND …`; returns the exit code, having printed at most one error line."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run
 
     parser = get_args_parser()
@@ -109,4 +114,8 @@ def launch(argv: list[str]) -> int:
         return code
     except SignalException as e:  # the launcher itself was told to stop (SLURM, Ctrl-C): ranks were stopped
         return 128 + int(e.sigval)
+    except ValueError as e:  # an option the agent reads only as it starts (no rank runs mlm code in this process)
+        raise UserError(f"mlm launch: {first_line(e)} (see mlm launch --help)") from None
+    except RendezvousError as e:  # the nodes never met: a wrong address, a closed port, a timeout
+        raise UserError(f"mlm launch: the rendezvous failed: {first_line(e)}") from None
     return 0
