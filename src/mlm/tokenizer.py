@@ -312,4 +312,7 @@ def build_tokenizer(
     if stats.bad_utf8:
         log(stats.bad_utf8_warning())
     log(f"trained a {family} tokenizer of {len(tokenizer):,} tokens on {stats.documents:,} documents → {out_dir}")
+    if len(tokenizer) < vocab_size:  # training stops when no merge or word is seen min_frequency times any more
+        log(f"note: {vocab_size:,} tokens were asked; this corpus supports no more than {len(tokenizer):,} at "
+            f"--min-frequency {min_frequency} (a larger corpus, or a lower --min-frequency, gives more)")
     return tokenizer

@@ -321,10 +321,11 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
         f"= global batch {cfg.train.global_batch} sequences of {cfg.data.seq_len} = {tokens_per_step:,} tokens/step"
     )
     resuming = f"; resuming from {checkpoint} at step {s.start_step}" if checkpoint else ""
+    steps_text = f"{cfg.train.steps:,} step{'s' if cfg.train.steps != 1 else ''}"
     if not mixture:
         log(
             f"data: {s.train.count:,} training sequences ({len(s.train.stream):,} tokens); "
-            f"{cfg.train.steps:,} steps = {epochs:.2f} epochs" + resuming
+            f"{steps_text} = {epochs:.2f} epochs" + resuming
         )
     else:
         sampler = s.sampler
@@ -334,7 +335,7 @@ def _print_arithmetic(s: Setup, checkpoint: Path | None, log) -> None:
         for folder, name, part, passes in zip(cfg.data.folders, sampler.names, s.train.parts,
                                               sampler.epochs(cfg.train.steps).values()):
             log(f"  {name} ({folder}): {part.count:,} training sequences ({len(part.stream):,} tokens); "
-                f"{cfg.train.steps:,} steps = {passes:.2f} epochs")
+                f"{steps_text} = {passes:.2f} epochs")
     evaluated = set(s.validation.names) if isinstance(s.validation, MixedWindows) else set()
     for folder in cfg.data.folders:
         if cfg.eval.every and (s.validation is None or (mixture and Path(folder).name not in evaluated)):
