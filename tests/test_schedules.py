@@ -311,3 +311,14 @@ def test_deepspeed_trains_a_wsd_run_at_mlm_s_rates(data_dirs, tmp_path):
     cfg = load_config(None, ["--train.steps=8", "--train.lr=2e-3", "--train.warmup_steps=2", "--train.schedule=wsd",
                              "--train.decay_steps=4", "--train.decay_shape=1-sqrt", "--train.min_lr=2e-4"])
     assert logged_lrs(tmp_path / "deepspeed") == {s: learning_rate(s - 1, cfg.train) for s in range(1, 9)}
+
+
+@pytest.mark.slow
+def test_the_schedules_plot_is_drawn_from_the_loop_s_function(tmp_path):
+    """scripts/plot_schedules.py (docs/schedules.png, shown in the README) runs and draws a PNG."""
+    out = tmp_path / "schedules.png"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_schedules.py"
+    result = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "from mlm.train.optim import learning_rate" in script.read_text()
