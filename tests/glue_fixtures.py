@@ -38,7 +38,7 @@ def corpus(seed: int = 0) -> list[str]:
 
 def make_checkpoint(root: Path, family: str = "bert", max_positions: int = 64) -> str:
     """A tiny pretrained-looking checkpoint: the project's own tokenizer + *ForMaskedLM saved with save_pretrained."""
-    from transformers import BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM
+    from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, RobertaConfig, RobertaForMaskedLM
 
     from mlm.tokenizer import train_tokenizer
 
@@ -49,6 +49,12 @@ def make_checkpoint(root: Path, family: str = "bert", max_positions: int = 64) -
     )
     if family == "bert":
         model = BertForMaskedLM(BertConfig(**common, max_position_embeddings=max_positions, type_vocab_size=2))
+    elif family == "modernbert":
+        model = ModernBertForMaskedLM(ModernBertConfig(
+            **common, max_position_embeddings=max_positions, local_attention=16, classifier_pooling="mean",
+            cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+        ))
     else:
         config = RobertaConfig(
             **common, max_position_embeddings=max_positions + 2, type_vocab_size=1,
@@ -67,6 +73,11 @@ def bert_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def roberta_checkpoint(tmp_path_factory) -> str:
     return make_checkpoint(tmp_path_factory.mktemp("roberta") / "ckpt", "roberta")
+
+
+@pytest.fixture(scope="session")
+def modernbert_checkpoint(tmp_path_factory) -> str:
+    return make_checkpoint(tmp_path_factory.mktemp("modernbert") / "ckpt", "modernbert")
 
 
 # ---- a GLUE directory in the original download layout -------------------------------------------

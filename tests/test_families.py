@@ -212,6 +212,9 @@ def _hub_cache(root, repo: str, folder):
     shutil.copytree(folder, entry / "snapshots" / revision)
     (entry / "refs").mkdir()
     (entry / "refs" / "main").write_text(revision)
+    if not (folder / "config.json").exists():  # what the hub library records for a file the repository lacks
+        (entry / ".no_exist" / revision).mkdir(parents=True)
+        (entry / ".no_exist" / revision / "config.json").touch()
     return root
 
 
@@ -277,3 +280,25 @@ def test_context_extension_continues_from_the_first_phase(data_dirs, tmp_path):
     config = AutoModelForMaskedLM.from_pretrained(result["checkpoint"]).config
     assert config.max_position_embeddings == 128
     assert config.rope_parameters["full_attention"]["rope_theta"] == 320_000.0
+
+
+def test_tokenizer_family_modernbert_and_from_a_cached_hub_copy(tokenizer_dirs, corpus_file, tmp_path):
+    """--family modernbert trains a byte-level BPE in ModernBERT's layout; --from copies a published one,
+    offline, from the hub cache (a layout the test builds)."""
+    import os
+
+    from mlm.tokenizer import tokenizer_family, tokenizer_fingerprint
+
+    trained = load_tokenizer(tokenizer_dirs["modernbert"])
+    assert (trained.cls_token, trained.sep_token, trained.mask_token, trained.pad_token) == ("[CLS]", "[SEP]", "[MASK]", "[PAD]")
+    assert tokenizer_family(trained) == "bert" and trained.model_input_names == ["input_ids", "attention_mask"]
+    ids = trained("The Cat sees a red ball.")["input_ids"]
+    assert ids[0] == trained.cls_token_id and ids[-1] == trained.sep_token_id
+    assert trained.decode(ids[1:-1]) == "The Cat sees a red ball."  # cased, byte-level: nothing lost
+    cache = _hub_cache(tmp_path / "hub", "someorg/modernbert-like", tokenizer_dirs["modernbert"])
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "https://hub.invalid"}
+    env.pop("HF_HUB_OFFLINE", None)
+    result = subprocess.run([sys.executable, "-m", "mlm", "tokenizer", "--from", "someorg/modernbert-like", "--out",
+                             str(tmp_path / "copy")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert tokenizer_fingerprint(load_tokenizer(tmp_path / "copy")) == tokenizer_fingerprint(trained)

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from glue_fixtures import bert_checkpoint, keyword_examples, roberta_checkpoint, sentence  # noqa: F401  (fixtures)
+from glue_fixtures import bert_checkpoint, keyword_examples, modernbert_checkpoint, roberta_checkpoint, sentence  # noqa: F401  (fixtures)
 
 from mlm.errors import UserError
 from mlm.eval.finetune import (FinetuneConfig, collate, encode, finetune_and_evaluate, load_config, load_tokenizer,
@@ -23,6 +23,17 @@ def test_tiny_bert_learns_a_generated_task(bert_checkpoint):
     )
     assert scores["accuracy"] > 0.9, scores  # chance is 0.5
     assert scores["mcc"] > 0.8, scores
+
+
+def test_tiny_modernbert_learns_a_generated_task(modernbert_checkpoint):
+    """ModernBERT (no token types, mean pooling, local attention on inputs longer than its window) fine-tunes
+    through the same path as the other families."""
+    task = custom_task("keywords", ["sentence"], 2, metrics=["accuracy"])
+    scores = finetune_and_evaluate(
+        modernbert_checkpoint, task, keyword_examples(400, seed=1), keyword_examples(200, seed=2),
+        FinetuneConfig(**FAST), seed=0, progress=False,
+    )
+    assert scores["accuracy"] > 0.9, scores  # chance is 0.5
 
 
 def test_random_init_twin_and_seeds(bert_checkpoint):

@@ -113,9 +113,10 @@ def _bert_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
     )
 
 
-def training_pieces(texts: Iterable[str], limit: int = TRAINING_PIECE_CHARS) -> Iterator[str]:
-    """Each text, cut into pieces of at most `limit` characters just before a whitespace character (hard at the
-    limit in a run with none): the trainer counts the same words, in bounded memory."""
+def training_pieces(texts: Iterable[str], limit: int | None = None) -> Iterator[str]:
+    """Each text, cut into pieces of at most `limit` (TRAINING_PIECE_CHARS) characters just before a whitespace
+    character (hard at the limit in a run with none): the trainer counts the same words, in bounded memory."""
+    limit = limit or TRAINING_PIECE_CHARS
     for text in texts:
         start = 0
         while len(text) - start > limit:
@@ -146,11 +147,11 @@ def train_tokenizer(
         raise UserError(f"vocab_size={vocab_size} is too small: use at least 300 (byte-level BPE alone needs 256)")
     if vocab_size > 2**32 - 1:
         raise UserError(f"vocab_size={vocab_size} is too large")
-    build = _roberta_tokenizer if family == "roberta" else _bert_tokenizer
-    tokenizer = build(training_pieces(texts), vocab_size, min_frequency)
+    kind = FAMILIES[family].tokenizer_kind
+    tokenizer = TOKENIZER_BUILDERS[kind](training_pieces(texts), vocab_size, min_frequency)
     tokenizer.model_max_length = model_max_length
     # Byte-level BPE always holds the 256 byte symbols; WordPiece only what it saw.
-    if len(tokenizer) <= len(ROBERTA_SPECIALS) + (256 if family == "roberta" else 0):
+    if len(tokenizer) <= len(ROBERTA_SPECIALS) + (256 if kind.startswith("bpe") else 0):
         raise UserError("the corpus is empty: the tokenizer learned no tokens")
     save_tokenizer(tokenizer, out_dir)
     return tokenizer
