@@ -27,7 +27,7 @@ from mlm.data.mixture import MixtureSampler, batch_shares
 from mlm.data.prepare import PrepareConfig, prepare, read_manifest
 from mlm.errors import UserError
 from mlm.tokenizer import train_tokenizer
-from mlm.train.metrics import read_metrics
+from mlm.train.metrics import loss_curves, read_metrics
 from mlm.train.pretrain import evaluate, fit, load_data, make_sampler, pretrain, setup
 
 from conftest import make_documents, tiny_config
@@ -216,6 +216,9 @@ def test_epochs_and_validation_losses_per_source_are_logged(sources, tmp_path):
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert {"val_loss", "val_loss/books", "val_loss/news", "val_loss/wiki", "epochs/news"} <= set(events.Tags()["scalars"])
+    # The run's loss curve draws each source's validation loss.
+    assert {"validation (books)", "validation (news)", "validation (wiki)"} <= set(loss_curves(records))
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
 
 
 def test_a_source_seen_too_many_times_is_warned_about_by_name(sources, tmp_path):
@@ -301,6 +304,15 @@ def test_bad_sources_are_refused_in_one_line(overrides, message):
     with pytest.raises(UserError) as error:
         load_config(None, overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_fewer_validation_sequences_than_sources_are_refused(sources, tmp_path):
+    cfg = mixture_config(sources, {"wiki": 1, "books": 1, "news": 1}, tmp_path / "run")
+    cfg.eval.sequences = 2
+    with pytest.raises(UserError, match=r"eval.sequences=2 is fewer than the 3 folders of data.sources with validation "
+                                        r"data: each folder's validation loss needs a sequence"):
+        pretrain(cfg, **QUIET)
+    assert not (tmp_path / "run").exists()
 
 
 def test_sources_prepared_with_different_tokenizers_are_refused(sources, tmp_path, tokenizer_dirs):
