@@ -21,3 +21,27 @@ def test_one_step_is_one_step(data_dirs, tmp_path):
     pretrain(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=1), log=lines.append)
     assert any(line.startswith("data: ") and "; 1 step = " in line for line in lines)
     assert lines[-1].startswith("finished 1 step in ")
+
+
+def test_a_command_without_deepspeed_prints_nothing_of_deepspeed_on_a_cpu(data_dirs, tmp_path):
+    """With the deepspeed extra installed, saving a checkpoint imports deepspeed (through transformers and
+    accelerate); on a machine without a GPU it warned "Setting accelerator to CPU" in every command."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+
+    if importlib.util.find_spec("deepspeed") is None or torch.cuda.is_available():
+        pytest.skip("needs the deepspeed extra on a machine without a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlm", "pretrain", f"--data.data_dir={data_dirs['roberta']}", "--model.size=tiny",
+         "--model.max_positions=64", "--data.seq_len=32", "--train.steps=1", "--train.warmup_steps=0",
+         "--train.global_batch=8", "--system.micro_batch=8", f"--run.out_dir={tmp_path / 'run'}", "--eval.every=0"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "checkpoint-1").is_dir()
+    assert "accelerator" not in done.stdout + done.stderr.lower()

@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides = ["--run.progress=false" if item == "--no-progress" else item for item in extra]
     elif extra:
         _fail(f"unrecognized arguments: {' '.join(extra)} (see mlm {args.command} --help)", 2)
+    _quiet_deepspeed_on_cpu()
     try:
         args.func(args)
     except UserError as e:
@@ -358,6 +359,20 @@ def main(argv: list[str] | None = None) -> None:
                       "names it (MLM_DEBUG=1 makes every rank print its error)", LOST_PEER_EXIT)
             sys.exit(LOST_PEER_EXIT)
         _fail(f"unexpected {type(e).__name__}: {first} (a bug in mlm: MLM_DEBUG=1 shows the traceback)", 1)
+
+
+def _quiet_deepspeed_on_cpu() -> None:
+    """transformers' save_pretrained imports deepspeed when it is installed (accelerate unwraps models with it),
+    and deepspeed, finding no GPU, then warns "Setting accelerator to CPU" in every command that saves a model.
+    Naming the CPU accelerator first, where DeepSpeed reads it, keeps it quiet; with a GPU DeepSpeed finds it."""
+    import importlib.util
+
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _fail(message: str, code: int) -> None:
