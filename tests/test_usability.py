@@ -45,3 +45,20 @@ def test_a_command_without_deepspeed_prints_nothing_of_deepspeed_on_a_cpu(data_d
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "checkpoint-1").is_dir()
     assert "accelerator" not in done.stdout + done.stderr.lower()
+
+
+def test_the_first_deepspeed_run_on_a_cpu_announces_its_op_compile(tmp_path, monkeypatch):
+    import importlib.util
+
+    import pytest
+    import torch
+
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs the deepspeed extra")
+    from mlm.train.engines.deepspeed_engine import op_build_notice
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a machine that never built it
+    assert op_build_notice(torch.device("cpu")) == (
+        f"deepspeed: compiling its CPU communication op deepspeed_shm_comm once (about 2 minutes); later runs load "
+        f"it from {tmp_path / 'deepspeed_shm_comm'}")
+    assert op_build_notice(torch.device("cuda")) is None  # no such op on a GPU

@@ -251,6 +251,11 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
 
         ds_config = resolve_deepspeed_config(cfg.system.deepspeed_config, cfg, accum, device.type)
         bf16 = bool(ds_config["bf16"]["enabled"])  # DeepSpeed casts the model itself: the file decides
+        from mlm.train.engines.deepspeed_engine import op_build_notice
+
+        notice = op_build_notice(device) if info.is_main else None
+        if notice:  # said before minutes of compiling, not after
+            log(notice)
     compiled = wants_compile(cfg, device)
     autocast_dtype = torch.bfloat16 if bf16 and strategy != "deepspeed" else None
     engine = build_engine(strategy, cfg, hf_model, device, info, compiled, autocast_dtype, ds_config)

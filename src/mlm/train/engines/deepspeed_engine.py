@@ -10,6 +10,7 @@ ranks with its optimizer state intact. Imported only when chosen: deepspeed is a
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +19,26 @@ from mlm.model.build import MaskedLMLoss
 from mlm.train.engines.base import Engine, hf_model_from_full_state
 
 MOMENTS = ("exp_avg", "exp_avg_sq")  # the Adam state DeepSpeed partitions (besides the step count)
+
+
+def op_build_notice(device: torch.device) -> str | None:
+    """On a CPU, DeepSpeed compiles a C++ communication op (deepspeed_shm_comm) the first time it starts its
+    process group, minutes of silence; later runs load it from torch's extensions cache. The line that says so
+    before it starts, or None when it is built already (or not used: on a GPU)."""
+    if device.type != "cpu":
+        return None
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return None
+    built = Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so"
+    if built.is_file():
+        return None
+    return (f"deepspeed: compiling its CPU communication op {builder.name} once (about 2 minutes); later runs "
+            f"load it from {built.parent}")
 
 
 class DeepSpeedEngine(Engine):
