@@ -230,6 +230,15 @@ def test_a_branch_from_inside_the_decay_is_refused(wsd_runs, data_dirs, tmp_path
                                         r"weights with --model.init_from=.*checkpoint-20$"):
         pretrain(wsd_config(data_dirs["roberta"], tmp_path / "branch", steps=40), resume=str(source / "checkpoint-20"),
                  **QUIET)
+    # From the stable phase too, the branch's own decay must begin at or after the checkpoint ...
+    with pytest.raises(UserError, match=r"train.steps=12 with train.decay_steps=5 would begin the decay at step 7, "
+                                        r"before step 10: give train.steps of at least 15"):
+        pretrain(wsd_config(data_dirs["roberta"], tmp_path / "branch", steps=12), resume=str(source / "checkpoint-10"),
+                 **QUIET)
+    # ... and a branch changes only where and how the run ends.
+    other_lr = wsd_config(data_dirs["roberta"], tmp_path / "branch", steps=15, lr=1e-3)
+    with pytest.raises(UserError, match=r"belongs to the run in .*, which differs from this one .* in train.steps, train.lr: "):
+        pretrain(other_lr, resume=str(source / "checkpoint-10"), **QUIET)
     assert not (tmp_path / "branch").exists() and folder_bytes(source) == before
 
 
