@@ -62,3 +62,14 @@ def test_the_first_deepspeed_run_on_a_cpu_announces_its_op_compile(tmp_path, mon
         f"deepspeed: compiling its CPU communication op deepspeed_shm_comm once (about 2 minutes); later runs load "
         f"it from {tmp_path / 'deepspeed_shm_comm'}")
     assert op_build_notice(torch.device("cuda")) is None  # no such op on a GPU
+
+
+def test_the_quickstart_installs_pytorch_s_cpu_build_first():
+    """On Linux a plain `pip install torch` is the CUDA build (GBs of CUDA libraries on a machine with no GPU)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Quickstart", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    assert commands[0] == "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert commands[1].startswith('pip install -e ".[test,deepspeed]"') and "torch" not in commands[1]
