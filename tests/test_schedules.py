@@ -196,6 +196,12 @@ def test_a_new_end_must_leave_the_steps_taken_before_its_decay(wsd_runs, data_di
                                         r"the recorded end: .*--resume=.*checkpoint-10 --run.out_dir=NEW_FOLDER"):
         pretrain(wsd_config(data_dirs["roberta"], run, steps=30), resume=str(run / "checkpoint-10"), **QUIET)
     assert folder_bytes(stopped) == before and folder_bytes(run) == folder_bytes(wsd_runs["short"])
+    # A config.json edited by hand is named, never a traceback.
+    recorded = json.loads((stopped / CONFIG_FILE).read_text())
+    recorded["train"]["decay_steps"] = "five"
+    (stopped / CONFIG_FILE).write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=r"its config.json records no whole train.steps and train.decay_steps"):
+        pretrain(wsd_config(data_dirs["roberta"], stopped, steps=30), resume="latest", **QUIET)
     # Another schedule is another recipe, as before.
     with pytest.raises(UserError, match=r"already holds a different run \(differs in .*train.schedule, "):
         pretrain(tiny_config(data_dirs["roberta"], stopped, steps=20), resume="latest", **QUIET)

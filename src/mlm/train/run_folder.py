@@ -134,15 +134,25 @@ def _checkpoint_step(checkpoint: Path) -> int:
 
 def _stable_checkpoints(run_dir: Path, recorded: dict) -> list[Path]:
     """The checkpoints of the wsd run in run_dir (train section `recorded`) written before its decay began."""
-    start = int(recorded["steps"]) - int(recorded["decay_steps"])
-    return [c for c in checkpoint_dirs(run_dir) if _checkpoint_step(c) <= start]
+    start = _recorded_decay_start(recorded)
+    return [c for c in checkpoint_dirs(run_dir) if start is not None and _checkpoint_step(c) <= start]
+
+
+def _recorded_decay_start(recorded: dict) -> int | None:
+    """train.steps − train.decay_steps of a recorded train section; None if they are not whole numbers."""
+    steps, decay = recorded.get("steps"), recorded.get("decay_steps")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (steps, decay)):
+        return None
+    return steps - decay
 
 
 def _end_problem(recorded: dict, cfg: PretrainConfig, step: int) -> str | None:
     """Why the wsd run recorded with the train section `recorded` cannot go on from its checkpoint of `step`
     towards cfg's end, or None: every step before `step` must come before both decays, so that it was trained
     at the rate the new end gives it."""
-    steps, decay = int(recorded["steps"]), int(recorded["decay_steps"])
+    if _recorded_decay_start(recorded) is None:  # an edited config.json: never a traceback
+        return "its config.json records no whole train.steps and train.decay_steps"
+    steps, decay = recorded["steps"], recorded["decay_steps"]
     if step > steps - decay:
         return (f"its decay began at step {steps - decay:,} (train.steps - train.decay_steps = {steps:,} - {decay:,}), "
                 f"before step {step:,}, so the steps since were trained for its own end")
