@@ -107,3 +107,14 @@ def test_a_demo_stopped_by_sigterm_says_where_and_keeps_what_it_measured(tmp_pat
     assert lines[-1] == (f"stopped by SIGTERM during [3/6] scoring the random initialisation: what was measured "
                          f"before is in {out / 'report.json'} (documents, vocab_size, seconds, train_tokens, "
                          "val_tokens); run mlm demo again for the whole report")
+
+
+@pytest.mark.slow
+def test_the_demo_trains_another_family(tmp_path, small_demo):
+    """--family modernbert: the same chain and measures with a tiny ModernBERT and its own tokenizer."""
+    facts = run_demo(tmp_path / "demo", steps=4, log=lambda _: None, family="modernbert")
+    assert facts["recipe"]["model"] == "modernbert-tiny"
+    assert load_tokenizer(tmp_path / "demo" / "tokenizer").cls_token == "[CLS]"
+    assert 0.0 <= facts["masked_tokens"]["pretrained"]["top1"] <= 1.0
+    with pytest.raises(UserError, match="--family: unknown family 'gpt'"):
+        run_demo(tmp_path / "other", steps=2, log=lambda _: None, family="gpt")

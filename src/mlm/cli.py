@@ -185,6 +185,7 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--minutes", type=float, default=None,
                    help="budget of the whole demo; pretraining gets what the rest leaves (default: 9)")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps instead of the time the budget leaves")
+    p.add_argument("--family", default="roberta", help="the tiny model's family (roberta, bert or modernbert)")
     p.set_defaults(func=_run_demo)
 
 
@@ -193,7 +194,7 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     from mlm.demo import run_demo
 
-    facts = run_demo(args.out, minutes=args.minutes, steps=args.steps)
+    facts = run_demo(args.out, minutes=args.minutes, steps=args.steps, family=args.family)
     if facts.get("stopped_by"):  # stopped by a signal, what was measured kept: the shell's 128 + signal number
         sys.exit(128 + signal.Signals[facts["stopped_by"]].value)
 

@@ -100,10 +100,11 @@ class Stage:
         return self.seconds[name]
 
 
-def demo_config(out: Path, budget: str = "", steps: int = 2000) -> PretrainConfig:
-    """The demo's pretraining: RoBERTa-tiny (L2/H128) on SEQ_LEN-token sequences, fitted to `budget` if given."""
+def demo_config(out: Path, budget: str = "", steps: int = 2000, family: str = "roberta") -> PretrainConfig:
+    """The demo's pretraining: the family's tiny model (RoBERTa L2/H128 by default) on SEQ_LEN-token sequences,
+    fitted to `budget` if given."""
     return PretrainConfig(
-        model=ModelConfig(family="roberta", size="tiny", max_positions=SEQ_LEN, dropout=DROPOUT),
+        model=ModelConfig(family=family, size="tiny", max_positions=SEQ_LEN, dropout=DROPOUT),
         data=DataConfig(data_dir=str(out / "data"), seq_len=SEQ_LEN, mask_rate=MASK_RATE),
         train=TrainConfig(steps=steps, global_batch=BATCH, lr=LR, warmup_steps=max(1, round(steps * WARMUP_SHARE)),
                           budget=budget),
@@ -408,9 +409,13 @@ def _cpu_name() -> str:
 
 
 # ---- the demo ---------------------------------------------------------------------------------------------
-def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps: int | None = None, log=print) -> dict:
+def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps: int | None = None, log=print,
+             family: str = "roberta") -> dict:
     """Run the whole demo into `out` within `minutes` (default DEFAULT_MINUTES); `steps` fixes the pretraining
-    steps instead of fitting them to the time left (for tests). Returns the figures written to the report."""
+    steps instead of fitting them to the time left (for tests); `family` the tiny model's family (its
+    tokenizer too). Returns the figures written to the report."""
+    from mlm.model.families import FAMILIES
+
     from transformers.utils import logging as hf_logging
 
     minutes = DEFAULT_MINUTES if minutes is None else minutes
@@ -418,13 +423,15 @@ def run_demo(out: str | Path = "runs/demo", minutes: float | None = None, steps:
         raise UserError(f"--minutes must be a positive number, got {minutes}")
     if steps is not None and steps < 1:
         raise UserError(f"--steps must be positive, got {steps}")
+    if family not in FAMILIES:
+        raise UserError(f"--family: unknown family {family!r} (choose {', '.join(FAMILIES)})")
     hf_logging.disable_progress_bar()  # transformers' save and load bars: stderr is for the one error line
     out = Path(out)
     _prepare_out_dir(out)
     state = {"stage": "[1/6] the tokenizer", "measured": {}}
     try:
         with _stop_on_signals():
-            return _demo_stages(out, minutes, steps, log, state)
+            return _demo_stages(out, minutes, steps, log, state, family)
     except DemoStopped as stopped:
         return _report_stop(out, stopped.signal, state, log)
 
@@ -464,7 +471,7 @@ def _report_stop(out: Path, signal_name: str, state: dict, log) -> dict:
     return facts
 
 
-def _demo_stages(out: Path, minutes: float, steps: int | None, log, state: dict) -> dict:
+def _demo_stages(out: Path, minutes: float, steps: int | None, log, state: dict, family: str) -> dict:
     """The demo's six stages; `state` follows them (the stage, the figures measured so far) for a stop."""
     began = time.time()
     stage = Stage({})
@@ -473,7 +480,7 @@ def _demo_stages(out: Path, minutes: float, steps: int | None, log, state: dict)
     docs = demo_documents()
     train_texts = [text for i, (text, _) in enumerate(docs) if not is_validation(i, VAL_FRACTION)]
     held_out_texts = [text for i, (text, _) in enumerate(docs) if is_validation(i, VAL_FRACTION)]
-    tokenizer = train_tokenizer(train_texts, "roberta", VOCAB_SIZE, out / "tokenizer", model_max_length=SEQ_LEN)
+    tokenizer = train_tokenizer(train_texts, family, VOCAB_SIZE, out / "tokenizer", model_max_length=SEQ_LEN)
     log(f"[1/6] tokenizer: {len(tokenizer):,} tokens ({stage.timed('tokenizer', start):.1f}s)")
     state["measured"].update(documents=len(docs), vocab_size=len(tokenizer), seconds=stage.seconds)
     state["stage"] = "[2/6] data preparation"
@@ -494,7 +501,7 @@ def _demo_stages(out: Path, minutes: float, steps: int | None, log, state: dict)
     masks = held_out_masks(out / "data", tokenizer, MLM_EVAL_SEQUENCES)
     examples = fill_mask_examples(held_out_texts, tokenizer, FILL_MASK_SENTENCES)
     train_topics, held_out_topics, topic_names = topic_splits(docs)
-    initial = save_initial_model(demo_config(out), tokenizer, out / "random-init")
+    initial = save_initial_model(demo_config(out, family=family), tokenizer, out / "random-init")
     random_side = {
         "masked_tokens": masked_token_accuracy(initial, masks),
         "fill_mask": fill_mask(initial, examples),
@@ -511,10 +518,10 @@ def _demo_stages(out: Path, minutes: float, steps: int | None, log, state: dict)
                 f"--minutes {minutes:g} leaves {max(0, left):.0f}s for pretraining on this machine (scoring one model "
                 f"takes {scoring_s:.0f}s): give at least {math.ceil((minutes * 60 - left + MIN_PRETRAIN_S) / 60)} minutes"
             )
-        cfg, budget = demo_config(out, budget=f"{left:.0f}s"), f"{left:.0f}s"
+        cfg, budget = demo_config(out, budget=f"{left:.0f}s", family=family), f"{left:.0f}s"
         log(f"[4/6] pretraining RoBERTa-tiny for the {left:.0f}s the budget leaves")
     else:
-        cfg, budget = demo_config(out, steps=steps), ""
+        cfg, budget = demo_config(out, steps=steps, family=family), ""
         log(f"[4/6] pretraining RoBERTa-tiny for {steps} step{'s' if steps != 1 else ''}")
     start = time.time()
     summary = pretrain(cfg, log=lambda msg: log(f"      {msg}"))
@@ -554,7 +561,7 @@ def _demo_stages(out: Path, minutes: float, steps: int | None, log, state: dict)
         "vocab_size": len(tokenizer),
         "train_tokens": manifest["splits"]["train"]["tokens"],
         "val_tokens": manifest["splits"]["validation"]["tokens"],
-        "recipe": {"model": "roberta-tiny", "seq_len": SEQ_LEN, "batch": BATCH, "mask_rate": MASK_RATE, "lr": LR,
+        "recipe": {"model": f"{family}-tiny", "seq_len": SEQ_LEN, "batch": BATCH, "mask_rate": MASK_RATE, "lr": LR,
                    "warmup_share": WARMUP_SHARE, "dropout": DROPOUT, "vocab_size": VOCAB_SIZE},
         "pretraining": {
             "budget": budget,
