@@ -11,7 +11,7 @@
 #
 #   scripts/gpu_check.sh [--cpu-smoke] [OUT_DIR]        (OUT_DIR: else $OUT, else /tmp/mlm-gpu-check)
 #   --cpu-smoke   the same steps on a CPU with a tiny model, offline: a test of this script, no GPU figures
-# Environment: GPU_CHECK_BUDGET_S (default 420: the whole check), WHEELS (default .whl).
+# Environment: GPU_CHECK_BUDGET_S (the whole check: default 420, 720 for --cpu-smoke), WHEELS (default .whl).
 # A row's status: "ok"; "failed" (the step itself failed: the script exits 1); "timeout" (its own limit or the
 # budget's end stopped it: not a failure); "not run" (the budget was spent before it). Logs: OUT/logs/.
 set -uo pipefail
@@ -27,7 +27,7 @@ done
 cd "$(dirname "$0")/.." || exit 2
 OUT="$(mkdir -p "${out_arg:-${OUT:-/tmp/mlm-gpu-check}}" && cd "${out_arg:-${OUT:-/tmp/mlm-gpu-check}}" && pwd)" || exit 2
 WHEELS="${WHEELS:-.whl}"
-BUDGET="${GPU_CHECK_BUDGET_S:-420}"
+BUDGET="${GPU_CHECK_BUDGET_S:-$([[ $cpu == 1 ]] && echo 720 || echo 420)}"
 RESULTS="$OUT/gpu_check.jsonl"
 LOGS="$OUT/logs"
 # Large files (installed wheels, prepared data, checkpoints, the compile cache) stay out of OUT.
@@ -52,6 +52,7 @@ if [[ $cpu == 1 ]]; then
     --run.log_every=2)
   documents=2000
   vocab=2000
+  ds_limit=300  # DeepSpeed's CPU accelerator compiles its shared-memory op on first use (cached afterwards)
 else
   export DS_ACCELERATOR=cuda  # DeepSpeed guesses its accelerator at import; say it rather than rely on the guess
   shrink=()
@@ -62,6 +63,7 @@ else
     --train.global_batch=128 --system.micro_batch=32 --run.log_every=5)
   documents=20000
   vocab=8000
+  ds_limit=120
 fi
 
 # emit NAME STATUS SECONDS [JSON object of further fields [WHAT]]: one row, appended to RESULTS and printed.
@@ -195,7 +197,7 @@ for engine in "${engines[@]}"; do
     fi
     extra=(--system.deepspeed_config="$ds_config")
   fi
-  step "engine-$engine" 120 30 python3 -m mlm pretrain configs/roberta-medium.toml --data.data_dir="$WORK/data" \
+  step "engine-$engine" "$([[ $engine == deepspeed ]] && echo "$ds_limit" || echo 120)" 30 python3 -m mlm pretrain configs/roberta-medium.toml --data.data_dir="$WORK/data" \
     --run.out_dir="$WORK/run-$engine" "${engine_shape[@]}" --run.checkpoint_every=100000 --eval.every=0 \
     --run.progress=false --system.strategy="$engine" "${extra[@]}"
   emit "engine-$engine" "$step_status" "$step_seconds" "$(python3 - "$WORK/run-$engine/metrics.jsonl" "$LOGS/engine-$engine.log" <<'PY'

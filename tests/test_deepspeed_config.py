@@ -222,3 +222,81 @@ def test_deepspeed_warmup_decay_lags_our_schedule():
         assert theirs[k] == pytest.approx(ours[k - 1])
     assert max(theirs) == pytest.approx(lr) and theirs.index(max(theirs)) == warmup + 1  # ours peaks at W-1
     assert ours.index(max(ours)) == warmup - 1
+
+
+# ---- the file as DeepSpeed reads it, before anything is built ------------------------------------------------
+
+needs_deepspeed = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("deepspeed") is None, reason="DeepSpeed's own config models are needed"
+)
+
+
+@needs_deepspeed
+def test_a_misspelt_top_level_key_is_refused_naming_the_closest(tmp_path):
+    # DeepSpeed ignores a key it does not know: clipping would stay at its default 1.0 in silence.
+    message = refused(tmp_path, zero2(gradient_clippin=0.5))
+    assert "gradient_clippin is not a DeepSpeed setting (did you mean gradient_clipping?)" in message
+    assert "is not a DeepSpeed setting" in refused(tmp_path, zero2(my_own_notes="hi"))
+
+
+@needs_deepspeed
+def test_every_key_deepspeed_reads_is_known():
+    from mlm.train.deepspeed_config import deepspeed_keys
+
+    known = deepspeed_keys()  # what DeepSpeed's own config code asks a file for
+    assert {"train_batch_size", "gradient_clipping", "zero_optimization", "bf16", "fp16", "optimizer", "scheduler",
+            "steps_per_print", "wall_clock_breakdown", "tensorboard", "activation_checkpointing"} <= known
+    assert set(json.loads(ZERO2.read_text())) <= known
+
+
+@needs_deepspeed
+def test_unknown_and_wrong_zero_settings_are_refused_by_name(tmp_path):
+    ds = zero2()
+    ds["zero_optimization"]["reduce_bucket_sise"] = 5e8
+    assert ("zero_optimization.reduce_bucket_sise is not a DeepSpeed setting (did you mean reduce_bucket_size?)"
+            in refused(tmp_path, ds))
+    ds = zero2()
+    ds["zero_optimization"]["overlap_comm"] = {"yes": 1}
+    assert "zero_optimization.overlap_comm: Input should be a valid boolean" in refused(tmp_path, ds)
+    ds = zero2()
+    ds["bf16"]["enabeld"] = True
+    assert "bf16.enabeld is not a DeepSpeed setting (did you mean enabled?)" in refused(tmp_path, ds)
+    assert "zero_optimization must be an object, got 2" in refused(tmp_path, zero2(zero_optimization=2))
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("offload", [{"offload_optimizer": {"device": "cpu"}}, {"cpu_offload": True}])
+def test_zero_offload_with_our_adamw_is_refused(tmp_path, offload):
+    ds = zero2()
+    ds["zero_optimization"].update(offload)
+    message = refused(tmp_path, ds)
+    assert "zero_optimization.offload_optimizer (device cpu) is not supported" in message and "AdamW" in message
+    ds["zero_optimization"].pop("cpu_offload", None)
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "none"}  # DeepSpeed's "no offload": fine
+    resolve_deepspeed_config(write(tmp_path, ds), small_config(), ACCUM, "cuda")
+
+
+@needs_deepspeed
+def test_pretrain_refuses_a_bad_file_before_reading_data_or_building_the_model(tmp_path):
+    from mlm.train.pretrain import pretrain
+
+    ds = zero2()
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    cfg = small_config("--system.strategy=deepspeed", f"--system.deepspeed_config={write(tmp_path, ds)}",
+                       "--system.device=cpu", f"--data.data_dir={tmp_path / 'no-data-here'}",
+                       f"--run.out_dir={tmp_path / 'run'}")
+    with pytest.raises(UserError, match=r"offload_optimizer \(device cpu\) is not supported"):
+        pretrain(cfg, log=lambda _: None)  # not "no-data-here does not exist": the file is checked first
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_deepspeed_config_leaves_only_the_micro_batch_for_later(tmp_path):
+    from mlm.train.deepspeed_config import check_deepspeed_config
+
+    check_deepspeed_config(ZERO2, small_config("--system.micro_batch=auto"), "cuda")
+    ds = zero2()
+    ds["zero_optimization"]["stage"] = 3
+    with pytest.raises(UserError, match=r"zero_optimization.stage=3"):
+        check_deepspeed_config(write(tmp_path, ds), small_config("--system.micro_batch=auto"), "cuda")
+    with pytest.raises(UserError, match=r"gradient_clipping=0.25 contradicts train.grad_clip=0.5"):
+        check_deepspeed_config(write(tmp_path, zero2(gradient_clipping=0.25)), small_config(), "cuda")

@@ -11,11 +11,13 @@ skipped and counted.
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import gzip
 import importlib.util
 import io
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -123,13 +125,70 @@ def skipped_in_folder(pattern: str) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is None and not p.name.startswith("."))
 
 
+_WILDCARD = re.compile(r"[*?[]")
+
+
+def glob_files(pattern: str) -> list[Path]:
+    """The files a glob names, as `glob.glob(pattern, recursive=True)` finds them (`**` any depth of folders; a
+    wildcard matches a hidden name only if it starts with a dot), except that a wildcard never enters a folder
+    through a symbolic link: `sub/back -> ..` would repeat the tree without end. A folder named literally in the
+    pattern is taken as the path says, link or not."""
+    parts = Path(pattern).parts
+    first = next(i for i, part in enumerate(parts) if _WILDCARD.search(part))
+    found: list[Path] = []
+
+    def entries(folder: Path, part: str) -> list[tuple[Path, bool, bool]]:
+        """(path, a folder and not a link, a file) for each name in `folder` that `part` may match."""
+        try:
+            with os.scandir(folder) as scan:
+                return [(folder / e.name, e.is_dir(follow_symlinks=False), e.is_file()) for e in scan
+                        if part.startswith(".") or not e.name.startswith(".")]
+        except OSError:  # not a folder, or not readable: glob skips it as well
+            return []
+
+    def walk(folder: Path, rest: tuple[str, ...]) -> None:
+        part, rest = rest[0], rest[1:]
+        if part == "**":  # this folder and every folder below it, never through a link
+            if rest:
+                walk(folder, rest)
+            for path, is_dir, is_file in entries(folder, part):
+                if is_dir:
+                    walk(path, (part, *rest))
+                elif is_file and not rest:
+                    found.append(path)
+        elif not _WILDCARD.search(part):
+            if rest:
+                walk(folder / part, rest)
+            elif (folder / part).is_file():
+                found.append(folder / part)
+        else:
+            for path, is_dir, is_file in entries(folder, part):
+                if fnmatch.fnmatch(path.name, part) and (is_dir if rest else is_file):
+                    walk(path, rest) if rest else found.append(path)
+
+    walk(Path(*parts[:first]) if first else Path(os.curdir), parts[first:])
+    return found
+
+
+def _once(files: list[Path]) -> list[Path]:
+    """Each file once, in order, however many names (links) lead to it."""
+    seen: set[Path] = set()
+    kept = []
+    for f in files:
+        real = f.resolve()
+        if real not in seen:
+            seen.add(real)
+            kept.append(f)
+    return kept
+
+
 def resolve_files(pattern: str) -> list[Path]:
-    """Expand a path, directory or glob into the corpus files it names."""
+    """Expand a path, directory or glob into the corpus files it names, each file once (by its resolved path)."""
     path = Path(pattern)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if _kind(p) and p.is_file())
-    elif any(c in pattern for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if path.is_dir():  # rglob enters no folder through a link
+        files = _once(sorted(p for p in path.rglob("*") if _kind(p) and p.is_file()))
+    elif _WILDCARD.search(pattern):
+        files = _once(sorted(glob_files(pattern)))
     elif path.is_file():
         files = [path]
     else:

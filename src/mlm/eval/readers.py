@@ -181,7 +181,10 @@ def read_table_file(task: TaskSpec, path: str | Path) -> list[dict]:
     for where, record in records:
         if not isinstance(record, dict) or any(record.get(c) is None for c in needed):
             raise UserError(f"{where}: needs fields {needed}")
-        example = {f: str(record[f]) for f in task.text_fields}
+        for f in task.text_fields:  # a JSON number or list would be fine-tuned on as "5" or "['a', 'b']"
+            if not isinstance(record[f], str):
+                raise UserError(f"{where}: field {f!r} must be text (a JSON string), got {json.dumps(record[f])[:40]}")
+        example = {f: record[f] for f in task.text_fields}
         example["label"] = parse_label(task, record[task.label_field], where)
         examples.append(example)
     if not examples:
