@@ -235,7 +235,7 @@ def test_a_foreign_tokenizer_or_family_is_one_line(data_dirs, tokenizer_dirs, tm
     roberta = build_model(hf_config("roberta", "tiny", load_tokenizer(tokenizer_dirs["roberta"]), 64, 0.0), 0)
     folder = _save_hf(roberta, load_tokenizer(tokenizer_dirs["roberta"]), tmp_path / "roberta")
     # The model's vocabulary is larger by far than the data's tokenizer.
-    roberta.resize_token_embeddings(5000)
+    roberta.resize_token_embeddings(5000, mean_resizing=False)
     big = _save_hf(roberta, load_tokenizer(tokenizer_dirs["roberta"]), tmp_path / "big")
     cfg = tiny_config(data_dirs["bert"], tmp_path / "run", "bert", steps=2)
     cfg.model.init_from = str(folder)
@@ -246,6 +246,10 @@ def test_a_foreign_tokenizer_or_family_is_one_line(data_dirs, tokenizer_dirs, tm
     with pytest.raises(UserError, match=f"vocabulary of 5,000 but the data's tokenizer {len(load_tokenizer(folder))}:"):
         pretrain(cfg, log=lambda _: None)
     config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": 3}))
+    cfg.model.init_from = str(folder)
+    with pytest.raises(UserError, match="has pad_token_id 3 but the data's tokenizer 1:"):
+        pretrain(cfg, log=lambda _: None)
     config["model_type"] = "distilbert"
     (folder / "config.json").write_text(json.dumps(config))
     cfg.model.init_from = str(folder)
