@@ -230,6 +230,16 @@ def test_a_launcher_port_out_of_range_is_one_line_exit_2():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("options", [[], ["--standalone"], ["--nnodes=2", "--master-addr=node0"], ["--master-port=29501"],
+                                     ["--rdzv-backend=c10d", "--rdzv-endpoint=node0"]])
+def test_launcher_options_without_a_bad_port_pass_the_check(options):
+    from torch.distributed.run import get_args_parser
+
+    from mlm.launch import check_launcher_options
+
+    check_launcher_options(get_args_parser().parse_args([*options, "--module", "mlm", "pretrain"]))  # no port: its own
+
+
 def test_a_glob_does_not_follow_a_folder_link_back_up(tmp_path):
     from mlm.data.corpus import ReadStats, iter_documents, resolve_files
 

@@ -73,9 +73,11 @@ def check_launcher_options(args) -> None:
         raise UserError(f"mlm launch: --nproc-per-node must be a positive number of processes (or auto, gpu, cpu), "
                         f"got {count!r}")
     try:
-        config = config_from_args(args)[0]
-        if config.rdzv_endpoint.strip():  # what the agent parses only once it has started (--master-port, --rdzv-endpoint)
-            parse_rendezvous_endpoint(config.rdzv_endpoint.strip(), default_port=29400)
+        config_from_args(args)
+        # The ports given, which the agent parses only once it has started (without one it picks its own).
+        given = [args.rdzv_endpoint] + ([f"{args.master_addr}:{args.master_port}"] if args.master_port is not None else [])
+        for endpoint in filter(None, (e.strip() for e in given)):
+            parse_rendezvous_endpoint(endpoint, default_port=29400)
     except (ValueError, AssertionError, RuntimeError) as e:
         raise UserError(f"mlm launch: {first_line(e)} (see mlm launch --help)") from None
 
