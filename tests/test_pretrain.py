@@ -585,8 +585,9 @@ def test_a_time_budget_trains_exactly_like_the_steps_it_fixed(data_dirs, tmp_pat
     pretrain(plain, **QUIET)
     assert losses(tmp_path / "budget") == losses(tmp_path / "plain")
 
-    # Resuming with the same budget keeps the fixed schedule instead of measuring again.
-    assert pretrain(config("budget", steps=30, budget="15s"), resume="latest", **QUIET)["steps"] == steps
+    # Resuming with the same budget keeps the fixed schedule instead of measuring again: the run is finished.
+    resumed = pretrain(config("budget", steps=30, budget="15s"), resume="latest", **QUIET)
+    assert resumed["finished"] and resumed["steps"] == steps
 
 
 def test_bad_and_impossible_budgets_are_one_line(data_dirs, tmp_path):
@@ -725,7 +726,8 @@ def test_a_budget_run_resumes_without_repeating_the_budget_and_a_finished_one_sa
     for resume in ("latest", "auto"):
         logged = []
         summary = pretrain(again, resume=resume, log=logged.append)
-        assert summary["finished"] and not any("resuming" in line or "finished 19" in line for line in logged)
+        assert summary["finished"] and summary["steps"] == 19
+        assert not any("resuming" in line or "finished 19" in line for line in logged)
         assert logged[-1] == (
             f"{tmp_path / 'run'} is finished: {tmp_path / 'run' / 'checkpoint-19'} holds its last step (19 of "
             "train.steps=19), so there is nothing to resume. To train on, start a new run from its weights with a "

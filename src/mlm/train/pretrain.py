@@ -632,8 +632,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, log=print) -> dict:
             s = setup(cfg, resume, log)
         except RunFinished as finished:  # --resume on a finished run: say so, train nothing
             log(str(finished))
-            return {"train_loss": None, "val_loss": None, "steps": None, "stopped_by": None, "checkpoint": None,
-                    "finished": True}
+            return {"train_loss": None, "val_loss": None, "steps": finished.steps, "stopped_by": None,
+                    "checkpoint": str(finished.checkpoint), "finished": True}
         try:
             summary = fit(s, log)
         finally:

@@ -242,6 +242,10 @@ class RunFinished(Exception):
     """--resume on a run that has reached its last step: nothing to train; the message says so and how to
     train on. Not an error: a requeued job that finds its run finished ends with exit status 0."""
 
+    def __init__(self, message: str, steps: int, checkpoint: Path):
+        super().__init__(message)
+        self.steps, self.checkpoint = steps, checkpoint
+
 
 def check_not_finished(run_dir: Path, checkpoint: Path, start_step: int, cfg: PretrainConfig) -> None:
     """Raise RunFinished when the checkpoint to resume from is the run's last step."""
@@ -249,7 +253,8 @@ def check_not_finished(run_dir: Path, checkpoint: Path, start_step: int, cfg: Pr
         raise RunFinished(
             f"{run_dir} is finished: {checkpoint} holds its last step ({start_step:,} of train.steps="
             f"{cfg.train.steps:,}), so there is nothing to resume. To train on, start a new run from its weights "
-            f"with a fresh schedule: --model.init_from={checkpoint} --run.out_dir=NEW_FOLDER"
+            f"with a fresh schedule: --model.init_from={checkpoint} --run.out_dir=NEW_FOLDER",
+            cfg.train.steps, checkpoint,
         )
 
 
