@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 
@@ -20,6 +21,18 @@ def hub_host() -> str:
 def offline_by_choice() -> bool:
     """The user asked the libraries to use their cache only (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model or tokenizer name means a folder: one that exists, or a path that starts like one or has
+    more than one "/" ("name" and "org/name" may be hub names)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
+
+
+def cache_only(name: str) -> bool:
+    """A hub name that only the local cache can answer now (no network, or offline by choice): the hub
+    libraries would retry each file for ~25 s, the cache answers at once."""
+    return not looks_local(name) and (offline_by_choice() or not hub_reachable())
 
 
 def hub_reachable() -> bool:

@@ -18,7 +18,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from mlm.atomic import atomic_dir, os_error_behind
 from mlm.errors import UserError, first_line
-from mlm.hub import hub_host, hub_reachable, offline_by_choice
+from mlm.hub import cache_only, hub_host, looks_local
 from mlm.model.loading import from_pretrained
 
 ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -209,20 +209,17 @@ def load_tokenizer(name_or_dir: str | Path):
     name = str(name_or_dir)
     if not name:
         raise UserError("no tokenizer given")
-    # "name" or "org/name" may be a hub name; anything else (a path that starts like one, more than one "/")
-    # is a folder.
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).exists()
-    if looks_local and not Path(name).expanduser().is_dir():
+    local = looks_local(name)
+    if local and not Path(name).expanduser().is_dir():
         raise UserError(f"tokenizer directory {name} does not exist")
-    if looks_local:
+    if local:
         check_tokenizer_folder(Path(name).expanduser(), name)
-    # No network: the hub library would retry each file for ~25 s; the local cache answers at once.
-    cache_only = not looks_local and (offline_by_choice() or not hub_reachable())
+    from_cache = cache_only(name)
     try:
-        tokenizer = from_pretrained(AutoTokenizer, str(Path(name).expanduser()) if looks_local else name,
-                                    "a tokenizer", local_files_only=cache_only)
+        tokenizer = from_pretrained(AutoTokenizer, str(Path(name).expanduser()) if local else name,
+                                    "a tokenizer", local_files_only=from_cache)
     except (OSError, ValueError) as e:
-        if cache_only:
+        if from_cache:
             raise UserError(f"cannot load tokenizer {name!r}: the hub ({hub_host()}) cannot be reached and it is not "
                             "in the local cache; give a tokenizer folder, or run where the hub can be reached") from None
         raise UserError(f"cannot load tokenizer {name!r}: {first_line(e)}") from None

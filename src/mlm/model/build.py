@@ -85,20 +85,19 @@ def load_config(name: str | Path):
     Offline, a hub name is read from the local cache at once."""
     from transformers import AutoConfig
 
-    from mlm.hub import hub_host, hub_reachable, offline_by_choice
+    from mlm.hub import cache_only, hub_host, looks_local
     from mlm.model.loading import from_pretrained
 
     name = str(name)
-    local = Path(name).expanduser()
-    looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not (local / "config.json").is_file():
+    local = looks_local(name)
+    if local and not (Path(name).expanduser() / "config.json").is_file():
         raise UserError(f"{name} is not a Hugging Face checkpoint (no config.json)")
-    cache_only = not looks_local and (offline_by_choice() or not hub_reachable())
+    from_cache = cache_only(name)
     try:
-        config = from_pretrained(AutoConfig, str(local) if looks_local else name, "a model",
-                                 local_files_only=cache_only)
+        config = from_pretrained(AutoConfig, str(Path(name).expanduser()) if local else name, "a model",
+                                 local_files_only=from_cache)
     except (ValueError, OSError, KeyError) as e:
-        if cache_only:
+        if from_cache:
             raise UserError(f"cannot load model {name!r}: the hub ({hub_host()}) cannot be reached and it is not in "
                             "the local cache; give a checkpoint folder, or run where the hub can be reached") from None
         raise UserError(f"cannot load model {name!r}: {first_line(e)}") from None
@@ -111,22 +110,17 @@ def load_model(name: str | Path, config=None) -> nn.Module:
     """A masked LM from a checkpoint folder or hub name (with `config` in place of its own, e.g. a new dropout)."""
     from transformers import AutoModelForMaskedLM
 
+    from mlm.hub import cache_only, looks_local
     from mlm.model.loading import from_pretrained
 
+    name = str(name)
     config = config if config is not None else load_config(name)
-    local = Path(str(name)).expanduser()
-    source = str(local) if (local / "config.json").is_file() else str(name)
+    source = str(Path(name).expanduser()) if looks_local(name) else name
     try:  # a checkpoint is data, never code: from_pretrained runs none of it
         return from_pretrained(AutoModelForMaskedLM, source, "a masked LM", config=config, attn_implementation="sdpa",
-                               local_files_only=not local.is_dir() and not _hub_online())
+                               local_files_only=cache_only(name))
     except (ValueError, OSError, KeyError) as e:  # damaged or missing files
         raise UserError(f"{name}: cannot load it as a masked LM ({first_line(e)})") from None
-
-
-def _hub_online() -> bool:
-    from mlm.hub import hub_reachable, offline_by_choice
-
-    return not offline_by_choice() and hub_reachable()
 
 
 def set_sdpa_backend(name: str, device: torch.device) -> None:
