@@ -51,6 +51,7 @@ from mlm.train.run_folder import (
     RunFinished,
     check_foreign_checkpoint,
     check_not_finished,
+    checkpoint_step,
     check_run_dir,
     checkpoint_to_resume,
     end_of_run_line,
@@ -223,6 +224,7 @@ def setup(cfg: PretrainConfig, resume: str | None = None, log=print) -> Setup:
     check_run_dir(run_dir, cfg, checkpoint)
     if checkpoint is not None:
         check_foreign_checkpoint(checkpoint, run_dir, cfg)
+        check_not_finished(run_dir, checkpoint, checkpoint_step(checkpoint), cfg)  # before building anything
 
     manifest = read_manifest(cfg.data.folders[0])  # first: the default tokenizer lives in the data folder
     tokenizer = load_tokenizer(cfg.data.tokenizer or Path(cfg.data.folders[0]) / TOKENIZER_SUBDIR)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -256,6 +257,13 @@ def check_not_finished(run_dir: Path, checkpoint: Path, start_step: int, cfg: Pr
             f"with a fresh schedule: --model.init_from={checkpoint} --run.out_dir=NEW_FOLDER",
             cfg.train.steps, checkpoint,
         )
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step in a checkpoint-<step> folder's name (-1 for a folder named otherwise: its training state
+    tells, once loaded)."""
+    match = re.fullmatch(r"checkpoint-(\d+)", checkpoint.name)
+    return int(match.group(1)) if match else -1
 
 
 def remove_new_run_dir(run_dir: Path) -> None:
