@@ -114,7 +114,9 @@ def plot_loss_curve(metrics: list[dict], path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     for label, points in loss_curves(metrics).items():
-        style = {"linewidth": 1.2} if label == "training" else {"marker": "o", "markersize": 3}
+        # Training is a line of many points; few (a short run) need markers to be seen at all.
+        style = ({"linewidth": 1.2, "marker": "." if len(points) < 30 else None} if label == "training"
+                 else {"marker": "o", "markersize": 3})
         ax.plot(*zip(*points), label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("MLM loss (cross-entropy, nats)")
