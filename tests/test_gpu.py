@@ -125,3 +125,33 @@ def test_a_nan_step_is_skipped_on_gpu(strategy, data_dirs, tmp_path):
     four, five = (load_file(str(run / f"checkpoint-{n}" / "model.safetensors")) for n in (4, 5))
     assert all(torch.equal(four[k], five[k]) for k in four)
     assert [m["step"] for m in read_metrics(run) if "bad_steps" in m] == [5]
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn"])
+def test_the_compiled_training_step_runs_the_chosen_sdpa_kernel(backend):
+    """`system.sdpa_backend=flash` (or cudnn) compiled, with dropout 0.1 in bf16: the training step runs, and the
+    kernel its profiled step took is that one (a mask in the compiled graph made flash refuse: "No available
+    kernel"). Compile caches are off: their key does not hold the SDPA setting, so a cached graph of another
+    test could replay another kernel."""
+    from mlm.bench import bench
+    from mlm.config import load_config
+    from mlm.train.kernels import available_sdpa_kernels
+
+    refusal = available_sdpa_kernels(torch.device("cuda"))[backend]
+    if refusal != "ok":
+        pytest.skip(f"{backend} on this card and these libraries: {refusal}")
+    cfg = load_config("configs/roberta-medium.toml", [
+        "--model.size=tiny", "--data.seq_len=128", "--model.max_positions=128", "--train.global_batch=32",
+        "--system.micro_batch=16", "--system.compile=on", f"--system.sdpa_backend={backend}",
+    ])
+    torch._dynamo.reset()
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+            result = bench(cfg, steps=1, warmup=1, synthetic=True, log=lambda _: None)
+    finally:  # sdpa_backend is process-wide: every kernel allowed again for the tests after this one
+        for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                       torch.backends.cuda.enable_cudnn_sdp, torch.backends.cuda.enable_math_sdp):
+            enable(True)
+        torch._dynamo.reset()
+    assert result["compiled"] and result["precision"] == "bf16" and result["dropout"] == 0.1
+    assert result["sdpa_kernel"] == backend
