@@ -657,6 +657,32 @@ def test_a_time_budget_leaves_first_step_and_first_evaluation_costs_out_of_its_e
     assert plan.steps == s.cfg.train.steps == int((86 - 2 * 2) // 1.2) == 68
     assert s.cfg.train.warmup_steps == round(3 * 68 / 30)
     assert "timing 6 steps at 1s per step and 2s per evaluation; the step count is fixed from this speed" in logged[0]
+    assert len(logged) == 1  # steady steps: no warning
+
+
+def test_a_time_budget_timed_on_unsteady_steps_says_the_budget_may_be_missed(data_dirs, tmp_path):
+    from mlm.train import pretrain as loop
+    from mlm.train.budget import fit_to_budget
+
+    clock = ControlledClock()
+    step_costs = iter([2.0, 1.0, 3.0] * 10)  # another process takes a core now and then
+
+    def train_step(s, step):
+        clock.now += next(step_costs)
+        return loop.train_step(s, step)
+
+    s = loop.setup(tiny_config(data_dirs["roberta"], tmp_path / "run", steps=30, budget="100s"), **QUIET)
+    s.cfg.eval.every = 0
+    try:
+        logged = []
+        plan = fit_to_budget(s, logged.append, train_step, loop.evaluate, clock=clock)
+    finally:
+        s.batches.close()
+        s.run_lock.release()
+    assert plan.step_s == 2.0  # the median of 1, 3, 2, 1, 3
+    assert logged[1] == ("warning: the timed steps were 3.0× apart (slowest / fastest): the machine's load is changing, "
+                         "so the run may end well before or after its budget; on a machine shared with other work, "
+                         "fewer threads (system.threads=1) give a steadier speed")
 
 
 def test_a_time_budget_stops_timing_slow_steps_at_a_fifth_of_the_budget(data_dirs, tmp_path):

@@ -33,6 +33,9 @@ TIMING_LIMIT_SHARE = 0.2
 """Slow steps stop the timing at this share of the budget, so it never spends the budget it measures for."""
 ON_BUDGET = 0.1
 """Training that ends within this share of the budget is on budget; beyond it the end of the run says why."""
+UNSTEADY = 2.0
+"""Timed steps this many times apart (slowest / fastest) mean a machine whose load changes: the start says the
+budget may be missed (the speed measured then is no forecast)."""
 
 
 @dataclass
@@ -88,7 +91,7 @@ def fit_to_budget(s, log, train_step, evaluate, clock: Callable[[], float] = tim
     cfg = s.cfg
     seconds = parse_budget(cfg.train.budget)[0]
     started = clock()
-    step_s, eval_s, timed = time_first_steps(
+    step_s, eval_s, timed, spread = time_first_steps(
         s, train_step, evaluate, min_seconds=min(TIMING_MAX_S, TIMING_SHARE * seconds),
         max_seconds=TIMING_LIMIT_SHARE * seconds, clock=clock)
     timing_s = clock() - started
@@ -100,6 +103,10 @@ def fit_to_budget(s, log, train_step, evaluate, clock: Callable[[], float] = tim
            + (f" and {eval_s:.3g}s per evaluation" if eval_s else "")
            + "; the step count is fixed from this speed")
     s.cfg = _fixed(cfg, steps, how, log)
+    if spread >= UNSTEADY:
+        log(f"warning: the timed steps were {spread:.1f}× apart (slowest / fastest): the machine's load is changing, "
+            "so the run may end well before or after its budget; on a machine shared with other work, fewer threads "
+            "(system.threads=1) give a steadier speed")
     return BudgetPlan(cfg.train.budget, seconds, timing_s, step_s, eval_s, steps)
 
 
@@ -112,8 +119,9 @@ def _fixed(cfg: PretrainConfig, steps: int, how: str, log) -> PretrainConfig:
 
 
 def time_first_steps(s, train_step, evaluate, min_seconds: float, max_seconds: float,
-                     clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, int]:
-    """(seconds per training step, seconds per evaluation, steps timed), measured on real steps that are
+                     clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, int, float]:
+    """(seconds per training step, seconds per evaluation, steps timed, slowest / fastest step counted),
+    measured on real steps that are
     then taken back: the model, the optimizer and the random streams are set back to where they were, so
     the run that follows is the one a fixed train.steps would give.
 
@@ -148,8 +156,9 @@ def time_first_steps(s, train_step, evaluate, min_seconds: float, max_seconds: f
     set_rng_state(rng, s.device)
     counted = times[1:] or times
     step_s = sorted(counted)[len(counted) // 2]
-    step_s, eval_s = dist.max_across_ranks([step_s, eval_s], s.info)
-    return step_s, eval_s, len(times)
+    spread = max(counted) / max(min(counted), 1e-9)
+    step_s, eval_s, spread = dist.max_across_ranks([step_s, eval_s, spread], s.info)
+    return step_s, eval_s, len(times), spread
 
 
 def budget_report(plan: BudgetPlan, trained_s: float, steps: int, evaluations: int) -> str:
