@@ -682,7 +682,7 @@ def test_a_time_budget_timed_on_unsteady_steps_says_the_budget_may_be_missed(dat
     assert plan.step_s == 2.0  # the median of 1, 3, 2, 1, 3
     assert logged[1] == ("warning: the timed steps were 3.0× apart (slowest / fastest): the machine's load is changing, "
                          "so the run may end well before or after its budget; on a machine shared with other work, "
-                         "fewer threads (system.threads=1) give a steadier speed")
+                         "fewer threads (system.threads=1) may give a steadier speed")
 
 
 def test_a_time_budget_stops_timing_slow_steps_at_a_fifth_of_the_budget(data_dirs, tmp_path):

@@ -106,7 +106,7 @@ def fit_to_budget(s, log, train_step, evaluate, clock: Callable[[], float] = tim
     if spread >= UNSTEADY:
         log(f"warning: the timed steps were {spread:.1f}× apart (slowest / fastest): the machine's load is changing, "
             "so the run may end well before or after its budget; on a machine shared with other work, fewer threads "
-            "(system.threads=1) give a steadier speed")
+            "(system.threads=1) may give a steadier speed")
     return BudgetPlan(cfg.train.budget, seconds, timing_s, step_s, eval_s, steps)
 
 
