@@ -37,8 +37,9 @@ def test_end_to_end_through_the_cli(tmp_path, corpus_file):
     assert (run / "checkpoint-4" / "model.safetensors").is_file()
     r = mlm("pretrain", *[o.replace("--train.steps=4", "--train.steps=6") for o in overrides])
     assert_one_line_error(r, "is a run of another length (differs in train.steps)")
-    r = mlm("pretrain", *overrides, "--resume")  # already finished: resumes at step 4 of 4, does nothing
-    assert r.returncode == 0 and "resuming from" in r.stdout
+    r = mlm("pretrain", *overrides, "--resume")  # already finished: says so in one line, trains nothing, exit 0
+    assert r.returncode == 0 and r.stdout.startswith(f"{run} is finished: {run / 'checkpoint-4'} holds its last step")
+    assert len(r.stdout.splitlines()) == 1 and "resuming from" not in r.stdout
 
 
 @pytest.mark.parametrize(
