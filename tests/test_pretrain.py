@@ -324,7 +324,7 @@ def test_resume_from_another_run_must_be_explicit(data_dirs, tmp_path):
     assert not (tmp_path / "b").exists()
     # A checkpoint folder moved away from its run is checked against the model it holds.
     shutil.copytree(tmp_path / "a" / "checkpoint-10", tmp_path / "moved" / "checkpoint-10")
-    no_dropout = tiny_config(data_dirs["roberta"], tmp_path / "c", steps=10)
+    no_dropout = tiny_config(data_dirs["roberta"], tmp_path / "c", steps=20)  # longer: checkpoint-10 is not its end
     no_dropout.model.dropout = 0.0
     with pytest.raises(UserError, match=r"model in .*checkpoint-10 is not the configured one \(hidden_dropout_prob "
                                         r"0.1 vs 0.0; attention_probs_dropout_prob 0.1 vs 0.0"):
