@@ -66,8 +66,7 @@ def open_append(path: str | Path) -> IO[str]:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
     except OSError as e:
         if e.errno == errno.ELOOP:  # O_NOFOLLOW met a link
-            raise UserError(f"{path} is a symbolic link: mlm does not write through links; remove it (or move the "
-                            "file it points to in its place)") from None
+            raise _link_error(path) from None
         raise
     return os.fdopen(fd, "a", encoding="utf-8")
 
@@ -75,7 +74,12 @@ def open_append(path: str | Path) -> IO[str]:
 def refuse_link(path: str | Path) -> None:
     """A file that a library opens itself (a lock file) must not be a symbolic link."""
     if Path(path).is_symlink():
-        raise UserError(f"{path} is a symbolic link: mlm does not write through links; remove it")
+        raise _link_error(path)
+
+
+def _link_error(path: str | Path) -> UserError:
+    return UserError(f"{path} is a symbolic link: mlm does not write through links; remove it (or move the file it "
+                     "points to in its place)")
 
 
 _NETWORK_ERRORS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT,

@@ -54,8 +54,9 @@ def check_no_code(folder: str | Path, what: str = "a checkpoint") -> None:
 
 
 @contextmanager
-def _weights_only(shown: str, what: str) -> Iterator[None]:
-    """A pickle that is more than tensors (it would run code to load) is refused in one line, never retried."""
+def _refusals(shown: str, what: str) -> Iterator[None]:
+    """What transformers refuses for safety, said in one line: a pickle that is more than tensors (it would run
+    code to load; never retried unsafely), a hub checkpoint that names code."""
     try:
         yield
     except pickle.UnpicklingError:  # torch.load(weights_only=True) met a global it does not allow
@@ -77,5 +78,5 @@ def from_pretrained(cls, name_or_path: str | Path, what: str, **kwargs):
     name = str(name_or_path)
     if os.path.isdir(name):  # transformers' own test: a folder by this name wins over a hub name
         check_no_code(name, what)
-    with _weights_only(name, what):
+    with _refusals(name, what):
         return cls.from_pretrained(name, trust_remote_code=False, **kwargs)

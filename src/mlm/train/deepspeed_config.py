@@ -110,9 +110,9 @@ class _Reads(dict):
     """A dict that notes the keys DeepSpeed asks it for, in order (how its config code looks a key up: [k], .get(k),
     `k in d`, `k in d.keys()`)."""
 
-    def __init__(self, data: dict) -> None:
+    def __init__(self, data: dict, asked: list) -> None:
         super().__init__(data)
-        self.asked: list = []
+        self.asked = asked
 
     def __getitem__(self, key):
         self.asked.append(key)
@@ -127,13 +127,14 @@ class _Reads(dict):
         return super().__contains__(key)
 
     def keys(self):
-        reads = self
+        return _ReadKeys(self)
 
-        class Keys(KeysView):
-            def __contains__(self, key) -> bool:
-                return reads.__contains__(key)
 
-        return Keys(self)
+class _ReadKeys(KeysView):
+    """`k in d.keys()` noted as `k in d` is."""
+
+    def __contains__(self, key) -> bool:
+        return key in self._mapping
 
 
 def _read_by_deepspeed(ds: dict, asked: list) -> object:
@@ -142,10 +143,8 @@ def _read_by_deepspeed(ds: dict, asked: list) -> object:
     to `asked`, in order, also when it raises (what DeepSpeed raises)."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    reads = _Reads(copy.deepcopy(ds))
-    reads.asked = asked
-    parsed = DeepSpeedConfig.__new__(DeepSpeedConfig)
-    parsed._initialize_params(reads)
+    parsed = DeepSpeedConfig.__new__(DeepSpeedConfig)  # no __init__: its batch arithmetic wants the rank count
+    parsed._initialize_params(_Reads(copy.deepcopy(ds), asked))
     return parsed
 
 
