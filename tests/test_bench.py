@@ -284,20 +284,3 @@ def test_the_training_forward_compiles_as_one_graph(family, fused_qkv):
     finally:
         torch._dynamo.reset()
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
-
-
-# ---- scripts/gpu_check.sh ------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_gpu_check_cpu_smoke_prints_the_summary_table_last(tmp_path):
-    """The GPU check's logic on a CPU (tiny model): rows run, the summary table comes last."""
-    env = {**os.environ, "GPU_CHECK_BUDGET_S": "100"}
-    result = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu-smoke", str(tmp_path)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    table = lines[lines.index("| row | what changes | tokens/s | × HF path | step s | peak GiB | MFU | micro_batch |"):]
-    assert all(line.startswith("|") for line in table)
-    recipe = next(line for line in table if line.startswith("| recipe |"))
-    assert "(HF path" in recipe and "×" in recipe
-    assert len(table) == 2 + 13  # header, rule, one line per row (measured or skipped)
