@@ -15,6 +15,52 @@
 # A row's status: "ok"; "failed" (the step itself failed: the script exits 1); "timeout" (its own limit or the
 # budget's end stopped it: not a failure); "not run" (the budget was spent before it). Logs: OUT/logs/.
 set -uo pipefail
+
+# emit NAME STATUS SECONDS [JSON object of further fields [WHAT]]: one row, appended to RESULTS and printed.
+emit() {
+  python3 - "$RESULTS" "$@" <<'PY'
+import json, sys
+results, name, status, seconds = sys.argv[1:5]
+row = {"row": name, "status": status, "seconds": round(float(seconds), 1)}
+if len(sys.argv) > 6:
+    row["what"] = sys.argv[6]
+if len(sys.argv) > 5 and sys.argv[5].strip():
+    row.update(json.loads(sys.argv[5]))
+row["status"] = status  # the step's outcome, not a field of what it printed
+line = json.dumps(row)
+with open(results, "a") as f:
+    f.write(line + "\n")
+print(line, flush=True)
+PY
+}
+
+# step NAME LIMIT_S NEED_S COMMAND…: run COMMAND (output in LOGS/NAME.log) under the smaller of LIMIT_S and what
+# the budget has left; with less than NEED_S left it is "not run". Sets step_status and step_seconds.
+step() {
+  local name=$1 limit=$2 need=$3
+  shift 3
+  local left=$((BUDGET - SECONDS)) start=$SECONDS rc=0
+  step_seconds=0
+  if ((left < need)); then
+    step_status="not run"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (at most ${limit}s; ${SECONDS}s of ${BUDGET}s spent)" >&2
+  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
+  step_seconds=$((SECONDS - start))
+  case $rc in
+    0) step_status="ok" ;;
+    124 | 137) step_status="timeout" ;;
+    *) step_status="failed"; failed=1 ;;
+  esac
+}
+
+# bench_fields LOG: the JSON object `mlm bench --json` printed last in LOG ("{}" if none).
+bench_fields() { grep '^{' "$1" | tail -n 1 || true; }
+
+# The check itself (sourcing this file defines the helpers above and runs nothing).
+main() {
 cpu=0
 out_arg=""
 for arg in "$@"; do
@@ -66,46 +112,6 @@ else
   ds_limit=120
 fi
 
-# emit NAME STATUS SECONDS [JSON object of further fields [WHAT]]: one row, appended to RESULTS and printed.
-emit() {
-  python3 - "$RESULTS" "$@" <<'PY'
-import json, sys
-results, name, status, seconds = sys.argv[1:5]
-row = {"row": name, "status": status, "seconds": round(float(seconds), 1)}
-if len(sys.argv) > 6:
-    row["what"] = sys.argv[6]
-if len(sys.argv) > 5 and sys.argv[5].strip():
-    row.update(json.loads(sys.argv[5]))
-row["status"] = status  # the step's outcome, not a field of what it printed
-line = json.dumps(row)
-with open(results, "a") as f:
-    f.write(line + "\n")
-print(line, flush=True)
-PY
-}
-
-# step NAME LIMIT_S NEED_S COMMAND…: run COMMAND (output in LOGS/NAME.log) under the smaller of LIMIT_S and what
-# the budget has left; with less than NEED_S left it is "not run". Sets step_status and step_seconds.
-step() {
-  local name=$1 limit=$2 need=$3
-  shift 3
-  local left=$((BUDGET - SECONDS)) start=$SECONDS rc=0
-  step_seconds=0
-  if ((left < need)); then
-    step_status="not run"
-    return
-  fi
-  ((limit > left)) && limit=$left
-  echo "== $name (at most ${limit}s; ${SECONDS}s of ${BUDGET}s spent)" >&2
-  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
-  step_seconds=$((SECONDS - start))
-  case $rc in
-    0) step_status="ok" ;;
-    124 | 137) step_status="timeout" ;;
-    *) step_status="failed"; failed=1 ;;
-  esac
-}
-
 # ---- wheels: first, so that every later step (the GPU tests above all) finds deepspeed and pytest-timeout ----
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
   # Into a folder of their own on PYTHONPATH: the image's own packages stay as they are, no root needed.
@@ -119,9 +125,6 @@ fi
 # ---- environment ----
 step environment 90 10 python3 -m mlm.train.kernels
 emit environment "$step_status" "$step_seconds" "$(grep '^{' "$LOGS/environment.log" | tail -n 1)"
-
-# bench_fields LOG: the JSON object `mlm bench --json` printed last in LOG ("{}" if none).
-bench_fields() { grep '^{' "$1" | tail -n 1 || true; }
 
 # ---- recipe: the row that matters most ----
 recipe=(configs/roberta-medium.toml --synthetic --train.global_batch=512 --system.micro_batch=auto)
@@ -313,4 +316,9 @@ for r in rows:
           f"{r.get('micro_batch') or ''} | {peak} |")
 PY
 rm -rf "$WORK"
-exit "$failed"
+return "$failed"
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi
