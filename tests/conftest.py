@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import random
 from pathlib import Path
 
@@ -88,17 +87,27 @@ def tiny_config(data_dir: Path, out_dir: Path, family: str = "roberta", steps: i
 
 
 @contextlib.contextmanager
-def poison_steps(steps: set[int], accum: int):
+def poison_steps(steps: set[int]):
     """The training forward passes of the given (1-based) steps give NaN, from the embeddings on: a real fault
-    in the real loop, engine and optimizer. `accum` forward passes make one step."""
-    calls = itertools.count()
+    in the real loop, engine and optimizer. The step is the one the loop is taking (its masked_batch call), so
+    forward passes outside the steps (a start-up probe, evaluation) are never poisoned."""
+    import mlm.train.pretrain as loop
+
+    taking = {"step": None}
+    masked_batch = loop.masked_batch
+
+    def tracking_masked_batch(s, step):
+        taking["step"] = step + 1
+        return masked_batch(s, step)
 
     def hook(module, args, output):
-        if type(module).__name__.endswith("Embeddings") and module.training and next(calls) // accum + 1 in steps:
+        if type(module).__name__.endswith("Embeddings") and module.training and taking["step"] in steps:
             return output * float("nan")
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    loop.masked_batch = tracking_masked_batch
     try:
         yield
     finally:
+        loop.masked_batch = masked_batch
         handle.remove()

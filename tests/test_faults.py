@@ -429,10 +429,10 @@ def test_a_full_disk_while_logging_metrics_still_resumes(data_dirs, tmp_path):
     """The disk fills up while metrics.jsonl is appended to: the write stops mid-record. The run ends in
     one line, and --resume=auto afterwards continues from the last checkpoint with the unbroken losses."""
     run = tmp_path / "run"
-    cfg = tiny_config(data_dirs["roberta"], run, steps=20)
+    cfg = tiny_config(data_dirs["roberta"], run, steps=30)
     cfg.run.checkpoint_every, cfg.eval.every = 4, 0
-    assert pretrain(cfg, log=stop_at(12))["stopped_by"] == "SIGTERM"
-    size = (run / "metrics.jsonl").stat().st_size  # 12 records: larger than config.json, which is rewritten
+    assert pretrain(cfg, log=stop_at(20))["stopped_by"] == "SIGTERM"
+    size = (run / "metrics.jsonl").stat().st_size  # 20 records: larger than config.json, which is rewritten
     assert size > (run / "config.json").stat().st_size + 100
     no_checkpoint = [*as_overrides(cfg), "--run.checkpoint_every=100"]  # none before the log is full
     r = mlm("pretrain", *no_checkpoint, "--resume=auto", file_size_limit=size + 250)  # 250 bytes: a record and a half
@@ -441,7 +441,7 @@ def test_a_full_disk_while_logging_metrics_still_resumes(data_dirs, tmp_path):
 
     code, stderr = cli("pretrain", *as_overrides(cfg), "--resume=auto")
     assert (code, stderr) == (0, ""), stderr  # today: "error: unexpected JSONDecodeError: Unterminated string …"
-    unbroken = tiny_config(data_dirs["roberta"], tmp_path / "unbroken", steps=20)
+    unbroken = tiny_config(data_dirs["roberta"], tmp_path / "unbroken", steps=30)
     unbroken.run.checkpoint_every, unbroken.eval.every = 4, 0
     pretrain(unbroken, log=lambda _: None)
     assert losses(run) == losses(tmp_path / "unbroken")
@@ -612,7 +612,7 @@ def test_a_step_with_a_nan_gradient_is_skipped_and_training_goes_on(data_dirs, t
     cfg = bad_step_config(data_dirs["roberta"], tmp_path / "run", steps=8)
     cfg.run.log_every, cfg.system.strategy = 2, strategy
     lines = []
-    with poison_steps({5}, accum=2):
+    with poison_steps({5}):
         pretrain(cfg, log=lines.append)
     run = tmp_path / "run"
     assert same_weights(run / "checkpoint-4", run / "checkpoint-5")
@@ -633,7 +633,7 @@ def test_more_bad_steps_in_a_row_than_tolerated_stop_the_run(data_dirs, tmp_path
     message = (r"training diverged: 3 steps in a row had a NaN or infinite loss or gradient norm by step 5 \(lr \S+; "
                r"2 tolerated\); no checkpoint was written from them\. Lower train\.lr or check the data, then resume "
                rf"from {re.escape(str(run / 'checkpoint-4'))}$")
-    with poison_steps({3, 4, 5, 6}, accum=2), pytest.raises(UserError, match=message):
+    with poison_steps({3, 4, 5, 6}), pytest.raises(UserError, match=message):
         pretrain(cfg, log=lambda _: None)
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
     assert same_weights(run / "checkpoint-2", run / "checkpoint-4")
@@ -646,7 +646,7 @@ def test_a_checkpoint_carries_its_bad_steps_into_the_resumed_run(data_dirs, tmp_
     row and stops at step 4, as the unbroken run does."""
     cfg = bad_step_config(data_dirs["roberta"], tmp_path / "run", steps=6)
     cfg.run.log_every = 4
-    with poison_steps({3}, accum=2):
+    with poison_steps({3}):
         pretrain(cfg, log=lambda _: None)
     checkpoint = tmp_path / "run" / "checkpoint-3"
     resumed = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "resumed")))
@@ -656,7 +656,7 @@ def test_a_checkpoint_carries_its_bad_steps_into_the_resumed_run(data_dirs, tmp_
 
     strict = dataclasses.replace(resumed, train=dataclasses.replace(cfg.train, max_bad_steps=1),
                                  run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "strict")))
-    with poison_steps({1}, accum=2), pytest.raises(UserError, match=r"2 steps in a row .* by step 4 "):
+    with poison_steps({4}), pytest.raises(UserError, match=r"2 steps in a row .* by step 4 "):
         pretrain(strict, resume=str(checkpoint), log=lambda _: None)
 
 
@@ -720,7 +720,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from conftest import poison_steps
 from mlm.cli import main
-with poison_steps({steps!r}, accum={accum}):
+with poison_steps({steps!r}):
     main(sys.argv[1:])
 """
 
@@ -738,7 +738,7 @@ def test_deepspeed_skips_a_nan_step_with_bf16_and_stops_at_it_without(data_dirs,
     cfg.system.strategy, cfg.system.deepspeed_config = "deepspeed", str(ds_config)
     cfg.system.precision = "bf16" if bf16 else "fp32"
     runner = tmp_path / "run_poisoned.py"
-    runner.write_text(RUN_POISONED.format(tests=str(Path(__file__).parent), steps={3}, accum=2))
+    runner.write_text(RUN_POISONED.format(tests=str(Path(__file__).parent), steps={3}))
     result = subprocess.run([sys.executable, str(runner), "pretrain", *as_overrides(cfg)], capture_output=True,
                             text=True, env={**ENV, "DS_ACCELERATOR": "cpu"}, timeout=300)
     run = tmp_path / "run"

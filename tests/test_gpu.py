@@ -120,7 +120,7 @@ def test_a_nan_step_is_skipped_on_gpu(strategy, data_dirs, tmp_path):
     cfg.run.checkpoint_every, cfg.eval.every = 1, 0
     if strategy == "deepspeed":
         cfg.system.deepspeed_config = "configs/deepspeed/zero2.json"
-    with poison_steps({5}, accum=2):
+    with poison_steps({5}):
         pretrain(cfg, log=lambda _: None)
     four, five = (load_file(str(run / f"checkpoint-{n}" / "model.safetensors")) for n in (4, 5))
     assert all(torch.equal(four[k], five[k]) for k in four)
