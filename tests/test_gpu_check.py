@@ -139,8 +139,9 @@ def test_cpu_smoke_runs_every_step_with_python3_only(tmp_path):
     assert names[:8] == ["wheels", "environment", "recipe", "gpu-tests", "engine-data", "engine-ddp", "engine-fsdp",
                          "engine-deepspeed"]
     assert names[8:11] == ["lever-flash", "lever-cudnn", "lever-efficient"] and names[-1] == "end"
-    assert len(names) == len(set(names)) == 21
+    assert len(names) == len(set(names)) == 23
     by_name = {r["row"]: r for r in rows}
+    assert by_name["lever-modernbert-base-1024"]["ratio"] > 0  # ModernBERT's path beside HF's
     assert by_name["wheels"]["status"] == "not run"  # no wheels folder given: nothing to install
     assert all(r["status"] == "ok" for r in rows if r["row"] != "wheels"), [r for r in rows if r["status"] != "ok"]
     assert by_name["recipe"]["ratio"] > 0 and by_name["recipe"]["sdpa_kernel"] == "math"
