@@ -70,6 +70,8 @@ def test_the_quickstart_installs_pytorch_s_cpu_build_first():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("## Quickstart", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
-    commands = [line.split("#", 1)[0].strip() for line in block.splitlines()]
-    assert commands[0] == "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-    assert commands[1].startswith('pip install -e ".[test,deepspeed]"') and "torch" not in commands[1]
+    setup, tests = [line.split("#", 1)[0].strip() for line in block.splitlines()]  # two commands: set-up + demo, tests
+    steps = setup.split(" && ")
+    assert steps[0] == "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert steps[1] == 'pip install -e ".[test,deepspeed]"' and steps[2] == "mlm demo"
+    assert tests == 'python -m pytest -m "not gpu"'
