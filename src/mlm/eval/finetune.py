@@ -24,7 +24,8 @@ from mlm.config import is_device_name
 from mlm.errors import UserError
 from mlm.eval.metrics import compute_metrics
 from mlm.eval.tasks import TaskSpec
-from mlm.model.build import model_positions, weight_decay_groups
+from mlm.model.build import weight_decay_groups
+from mlm.model.families import positions_of
 from mlm.model.loading import from_pretrained
 
 
@@ -198,7 +199,7 @@ def build_model(model_path: str, config, random_init: bool = False) -> torch.nn.
 
 def usable_max_length(config, tokenizer, max_length: int) -> int:
     """max_length, capped by what the model's position table holds."""
-    limit = model_positions(config) if hasattr(config, "max_position_embeddings") else max_length
+    limit = positions_of(config) if hasattr(config, "max_position_embeddings") else max_length
     if 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
         limit = min(limit, tokenizer.model_max_length)
     return min(max_length, limit)

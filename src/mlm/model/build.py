@@ -19,11 +19,6 @@ from mlm.errors import UserError, first_line
 from mlm.model.families import FAMILIES, Family, Shape, family_of, positions_of, shape_of
 
 
-def model_positions(config) -> int:
-    """The longest input the model takes: its position limit, less RoBERTa's two padding-offset slots."""
-    return positions_of(config)
-
-
 def preset_shape(model_cfg) -> Shape:
     """model.size's preset of model.family, with model.layers/hidden/heads/intermediate where they are set."""
     family = FAMILIES[model_cfg.family]
@@ -76,10 +71,6 @@ def check_tokenizer_layout(family_name: str, tokenizer) -> None:
         raise UserError(f"model.family={family_name} but the tokenizer uses {layout} special tokens")
 
 
-def families_line() -> str:
-    return ", ".join(FAMILIES)
-
-
 def load_config(name: str | Path):
     """The transformers config of a checkpoint folder or hub name; its family must be one mlm trains.
     Offline, a hub name is read from the local cache at once."""
@@ -102,7 +93,7 @@ def load_config(name: str | Path):
                             "the local cache; give a checkpoint folder, or run where the hub can be reached") from None
         raise UserError(f"cannot load model {name!r}: {first_line(e)}") from None
     if family_of(config) is None:
-        raise UserError(f"{name} is a {config.model_type!r} model; mlm trains the families {families_line()}")
+        raise UserError(f"{name} is a {config.model_type!r} model; mlm trains the families {', '.join(FAMILIES)}")
     return config
 
 

@@ -236,21 +236,19 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_named(name: str) -> Family:
-    if name not in FAMILIES:
-        raise KeyError(name)
-    return FAMILIES[name]
-
-
 def family_of(config) -> Family | None:
     """The family of a transformers config (by model_type), or None for one mlm does not train."""
     return next((f for f in FAMILIES.values() if f.model_type == config.model_type), None)
 
 
 def positions_of(config) -> int:
-    """The longest input a model takes: its position limit less the family's offset slots."""
+    """The longest input a model takes: its position limit less the family's offset slots (RoBERTa's two). A
+    model mlm does not train but may score on GLUE (XLM-RoBERTa, CamemBERT) numbers positions as RoBERTa does."""
     family = family_of(config)
-    return config.max_position_embeddings - (family.position_offset if family else 0)
+    if family is not None:
+        return config.max_position_embeddings - family.position_offset
+    roberta_like = "roberta" in config.model_type or "camembert" in config.model_type
+    return config.max_position_embeddings - (2 if roberta_like else 0)
 
 
 def shape_of(config) -> Shape:

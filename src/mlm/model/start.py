@@ -15,7 +15,7 @@ from torch import nn
 from mlm.config import PretrainConfig
 from mlm.errors import UserError
 from mlm.model.build import build_model, describe, load_config, load_model, model_config
-from mlm.model.families import FAMILIES, family_of, positions_of, shape_of
+from mlm.model.families import family_of, positions_of, shape_of
 
 
 def resolve_init_from(cfg: PretrainConfig, log=print) -> PretrainConfig:
@@ -99,7 +99,6 @@ def expected_config(cfg: PretrainConfig, tokenizer):
 
 def initial_model(cfg: PretrainConfig, tokenizer, checkpoint: Path | None, log=print) -> nn.Module:
     """The model training starts from: the run's checkpoint, the init_from model, or a fresh one."""
-    family = FAMILIES[cfg.model.family]
     if checkpoint is not None:
         hf_model = load_model(checkpoint)
         differ = config_differences(hf_model.config, expected_config(cfg, tokenizer))
@@ -122,5 +121,4 @@ def initial_model(cfg: PretrainConfig, tokenizer, checkpoint: Path | None, log=p
     if cfg.data.seq_len > positions_of(hf_model.config):
         raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {positions_of(hf_model.config)} "
                         "positions")
-    assert family_of(hf_model.config) is family
     return hf_model

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from mlm import dist
 from mlm.atomic import os_error_behind
 from mlm.errors import UserError
-from mlm.model.build import model_positions
+from mlm.model.families import positions_of
 
 STATE_FILE = "training_state.pt"
 ENGINE_DIR = "engine"
@@ -212,7 +212,7 @@ def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, info: dist.Dist
         rng = dist.gather_to_main(rng_state(device), info)
         if info.is_main:
             model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.model_max_length = model_positions(model.config)  # so truncation=True fits the model
+            tokenizer.model_max_length = positions_of(model.config)  # so truncation=True fits the model
             tokenizer.save_pretrained(str(tmp))
             state = {"step": step, "strategy": engine.name, "world_size": info.world_size, "rng": rng,
                      "tally": dict(tally or {})}
