@@ -45,7 +45,7 @@ from mlm.model.build import (
     set_sdpa_backend,
     weight_decay_groups,
 )
-from mlm.model.families import flops_per_token
+from mlm.model.families import FAMILIES, flops_per_token
 from mlm.tokenizer import load_tokenizer
 from mlm.train.engines import build_engine
 from mlm.train.kernels import kernels_line, sdpa_kernels_taken, versions
@@ -86,33 +86,9 @@ BASELINE_MICRO_BATCH = 16  # the reference: 16 sequences per GPU per forward
 SYNTHETIC_WINDOWS = 1 << 24  # enough distinct windows that no bench revisits one
 
 
-@dataclass(frozen=True)
-class ReferenceVocabulary:
-    """What the model and masking need to know of a tokenizer, for synthetic tokens: the size and special
-    ids of the published tokenizers (roberta-base, bert-base-uncased, answerdotai/ModernBERT-base), so no
-    tokenizer file is needed."""
-
-    size: int
-    pad_token_id: int
-    cls_token_id: int
-    sep_token_id: int
-    mask_token_id: int
-    unk_token_id: int
-
-    def __len__(self) -> int:
-        return self.size
-
-    @property
-    def all_special_ids(self) -> list[int]:
-        return [self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id, self.unk_token_id]
-
-
-REFERENCE_VOCABULARIES = {
-    "roberta": ReferenceVocabulary(50_265, pad_token_id=1, cls_token_id=0, sep_token_id=2, mask_token_id=50_264, unk_token_id=3),
-    "bert": ReferenceVocabulary(30_522, pad_token_id=0, cls_token_id=101, sep_token_id=102, mask_token_id=103, unk_token_id=100),
-    "modernbert": ReferenceVocabulary(50_368, pad_token_id=50_283, cls_token_id=50_281, sep_token_id=50_282,
-                                      mask_token_id=50_284, unk_token_id=50_280),
-}
+# The published tokenizers' sizes and special ids, by family (its row's reference_vocabulary), for synthetic
+# tokens: no tokenizer file is needed.
+REFERENCE_VOCABULARIES = {name: family.reference_vocabulary for name, family in FAMILIES.items()}
 
 
 @dataclass

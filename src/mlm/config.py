@@ -87,9 +87,9 @@ class ModelConfig:
             raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.rope_theta) and 0 <= self.rope_theta <= FLOAT32_MAX):
             raise UserError(f"model.rope_theta must be a positive number (0 keeps the default), got {self.rope_theta}")
-        if self.rope_theta and self.family != "modernbert" and not self.init_from:
-            raise UserError(f"model.rope_theta is for rotary positions (modernbert); model.family={self.family} "
-                            "has a position table")
+        if self.rope_theta and not FAMILIES[self.family].rotary and not self.init_from:
+            raise UserError(f"model.rope_theta is for rotary positions; model.family={self.family} has a position "
+                            "table")
         if self.max_positions < 8:
             raise UserError(f"model.max_positions must be at least 8, got {self.max_positions}")
 

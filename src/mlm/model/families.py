@@ -63,6 +63,28 @@ MODERNBERT_SIZES = {
 
 
 @dataclass(frozen=True)
+class ReferenceVocabulary:
+    """What the model and masking need to know of a tokenizer: the size and special ids of a family's published
+    tokenizer (roberta-base, bert-base-uncased, answerdotai/ModernBERT-base), so `mlm bench --synthetic`
+    needs no tokenizer file."""
+
+    size: int
+    pad_token_id: int
+    cls_token_id: int
+    sep_token_id: int
+    mask_token_id: int
+    unk_token_id: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.pad_token_id, self.cls_token_id, self.sep_token_id, self.mask_token_id, self.unk_token_id]
+
+
+
+@dataclass(frozen=True)
 class Family:
     """One architecture mlm trains: a row of data plus the few functions that differ between rows."""
 
@@ -94,6 +116,8 @@ class Family:
     for global attention."""
     set_dropout: Callable[[object, float], None]
     """Set a config's dropout (hidden states and attention probabilities) to this rate."""
+    reference_vocabulary: ReferenceVocabulary
+    """The size and special ids of its published tokenizer (synthetic tokens for `mlm bench`)."""
     encoder_kwargs: dict = field(default_factory=dict)
     """More arguments of the encoder's forward on the training path (ModernBERT: attention masks given as
     None, so HF does not build the dense ones that mlm's attention never reads)."""
@@ -216,6 +240,8 @@ FAMILIES: dict[str, Family] = {
         tokenizer_kind="bpe-roberta", position_offset=2, rotary=False, make_config=_bert_like_config("roberta"),
         encoder_layers=lambda m: m.base_model.encoder.layer, head=lambda m: m.lm_head,
         install_training_attention=_bert_install_attention, attention_windows=lambda c: [None] * c.num_hidden_layers,
+        reference_vocabulary=ReferenceVocabulary(50_265, pad_token_id=1, cls_token_id=0, sep_token_id=2,
+                                                 mask_token_id=50_264, unk_token_id=3),
         set_dropout=_bert_set_dropout,
     ),
     "bert": Family(
@@ -223,6 +249,8 @@ FAMILIES: dict[str, Family] = {
         tokenizer_kind="wordpiece", position_offset=0, rotary=False, make_config=_bert_like_config("bert"),
         encoder_layers=lambda m: m.base_model.encoder.layer, head=lambda m: m.cls,
         install_training_attention=_bert_install_attention, attention_windows=lambda c: [None] * c.num_hidden_layers,
+        reference_vocabulary=ReferenceVocabulary(30_522, pad_token_id=0, cls_token_id=101, sep_token_id=102,
+                                                 mask_token_id=103, unk_token_id=100),
         set_dropout=_bert_set_dropout,
     ),
     "modernbert": Family(
@@ -230,6 +258,8 @@ FAMILIES: dict[str, Family] = {
         tokenizer_kind="bpe-bert", position_offset=0, rotary=True, make_config=_modernbert_config,
         encoder_layers=lambda m: m.base_model.layers, head=lambda m: (lambda x: m.decoder(m.head(x))),
         install_training_attention=_modernbert_install_attention, attention_windows=_modernbert_windows,
+        reference_vocabulary=ReferenceVocabulary(50_368, pad_token_id=50_283, cls_token_id=50_281, sep_token_id=50_282,
+                                                 mask_token_id=50_284, unk_token_id=50_280),
         set_dropout=_modernbert_set_dropout,
         encoder_kwargs={"attention_mask": {"full_attention": None, "sliding_attention": None}},
     ),
