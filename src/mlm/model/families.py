@@ -6,20 +6,18 @@ beyond the longest input, where its encoder layers are (what FSDP wraps and the 
 prediction head is (what the masked-only head calls), and the training attention that replaces HF's (one
 QKV matmul, no mask: training windows are never padded). Adding a family is adding one entry to FAMILIES.
 
-Model code here knows nothing of engines or distribution.
+Model code here knows nothing of engines or distribution; the rows import no torch until a model runs.
 """
 
 from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from mlm.model.attention import window_attention
+if TYPE_CHECKING:  # torch is imported where a model runs: `mlm tokenizer` reads these rows without it
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -162,6 +160,9 @@ def _bert_attention(self, hidden_states: torch.Tensor, attention_mask: torch.Ten
     """BertSelfAttention/RobertaSelfAttention.forward for training: no mask (windows are never padded, and a
     mask keeps SDPA off its flash kernel), and with fused_qkv one (tokens × d) · (d × 3d) matmul instead of
     three. The weights stay HF's three query/key/value Linear layers."""
+    import torch
+    import torch.nn.functional as F
+
     batch, length, _width = hidden_states.shape
     heads, head_size = self.num_attention_heads, self.attention_head_size
     if self.fused_qkv:
@@ -224,6 +225,8 @@ def _modernbert_attention(self, hidden_states: torch.Tensor, position_embeddings
     that skips the blocks outside the window (mlm.model.attention.window_attention)."""
     from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
 
+    from mlm.model.attention import window_attention
+
     batch, length, _width = hidden_states.shape
     qkv = self.Wqkv(hidden_states).view(batch, length, 3, -1, self.head_dim)
     query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head dim)
@@ -254,8 +257,8 @@ FAMILIES: dict[str, Family] = {
         set_dropout=_bert_set_dropout,
     ),
     "modernbert": Family(
-        name="modernbert", model_type="modernbert", sizes=MODERNBERT_SIZES, default_size="base", tokenizer_layout="bert",
-        tokenizer_kind="bpe-bert", position_offset=0, rotary=True, make_config=_modernbert_config,
+        name="modernbert", model_type="modernbert", sizes=MODERNBERT_SIZES, default_size="base",
+        tokenizer_layout="bert", tokenizer_kind="bpe-bert", position_offset=0, rotary=True, make_config=_modernbert_config,
         encoder_layers=lambda m: m.base_model.layers, head=lambda m: (lambda x: m.decoder(m.head(x))),
         install_training_attention=_modernbert_install_attention, attention_windows=_modernbert_windows,
         reference_vocabulary=ReferenceVocabulary(50_368, pad_token_id=50_283, cls_token_id=50_281, sep_token_id=50_282,
