@@ -299,7 +299,11 @@ def test_tokenizer_family_modernbert_and_from_a_cached_hub_copy(tokenizer_dirs, 
     ids = trained("The Cat sees a red ball.")["input_ids"]
     assert ids[0] == trained.cls_token_id and ids[-1] == trained.sep_token_id
     assert trained.decode(ids[1:-1]) == "The Cat sees a red ball."  # cased, byte-level: nothing lost
-    cache = _hub_cache(tmp_path / "hub", "someorg/modernbert-like", tokenizer_dirs["modernbert"])
+    # A published model's repository: its tokenizer beside its config (transformers 5.17 reads the config first).
+    published = tmp_path / "published"
+    shutil.copytree(tokenizer_dirs["modernbert"], published)
+    hf_config("modernbert", "tiny", trained, 64, 0.0).save_pretrained(published)
+    cache = _hub_cache(tmp_path / "hub", "someorg/modernbert-like", published)
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "https://hub.invalid"}
     env.pop("HF_HUB_OFFLINE", None)
     result = subprocess.run([sys.executable, "-m", "mlm", "tokenizer", "--from", "someorg/modernbert-like", "--out",
