@@ -30,22 +30,27 @@ whitespace character: the trainer holds some 100 bytes per character of a text i
 4 GB), and both families' pre-tokenizers split at whitespace anyway, so the words it counts are the same."""
 
 
-def _roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
-    from transformers import RobertaTokenizerFast
-
+def _byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int, specials: list[str]) -> Tokenizer:
+    """A byte-level BPE trained on `texts`, its special tokens first (ids 0…); the last one, the mask token,
+    swallows the space before it, so "the <mask> sat" masks the word " cat" as the published tokenizers do."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    # `<mask>` swallows the space before it, so "the <mask> sat" masks the word " cat" as roberta-base does.
-    specials = ROBERTA_SPECIALS[:-1] + [AddedToken("<mask>", lstrip=True, special=True)]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=specials,
+        special_tokens=specials[:-1] + [AddedToken(specials[-1], lstrip=True, special=True)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def _roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
+    from transformers import RobertaTokenizerFast
+
+    tok = _byte_level_bpe(texts, vocab_size, min_frequency, ROBERTA_SPECIALS)
     tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     return RobertaTokenizerFast(
         tokenizer_object=tok,
@@ -62,19 +67,7 @@ def _roberta_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int
 def _modernbert_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int):
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    # [MASK] swallows the space before it, as in ModernBERT's own tokenizer.
-    specials = BERT_SPECIALS[:-1] + [AddedToken("[MASK]", lstrip=True, special=True)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
+    tok = _byte_level_bpe(texts, vocab_size, min_frequency, BERT_SPECIALS)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
@@ -85,7 +78,7 @@ def _modernbert_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: 
         pad_token="[PAD]",
         cls_token="[CLS]",
         mask_token="[MASK]",
-        model_input_names=["input_ids", "attention_mask"],
+        model_input_names=["input_ids", "attention_mask"],  # no segment embeddings: no token type ids
     )
 
 
