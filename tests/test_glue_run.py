@@ -401,3 +401,15 @@ def test_a_task_file_made_custom_says_why_and_a_log_file_gets_plain_lines(worksp
     assert "\r" not in captured.out + captured.err
     png = (out / "glue_curve.png").read_bytes()
     assert int.from_bytes(png[16:20], "big") == 7 * 120  # one panel (7 inches at 120 dpi), not two
+
+
+def test_a_modernbert_run_is_scored_like_any_other(workspace, tmp_path):
+    """mlm glue --run on a ModernBERT run: sentence pairs without token type ids, every checkpoint, the curve."""
+    run = tmp_path / "modernbert-run"
+    make_checkpoint(run / "checkpoint-10", "modernbert")
+    shutil.copytree(run / "checkpoint-10", run / "checkpoint-20")
+    main(["glue", "--run", str(run), "--glue-dir", str(workspace / "GLUE"), "--tasks", "rte,sst2", *QUICK])
+    rows = list(csv.DictReader((run / "glue" / "results.csv").open()))
+    assert [r["Step"] for r in rows] == ["10", "20"]
+    assert all(0.0 <= float(r["RTE-Acc"]) <= 100.0 and 0.0 <= float(r["SST-2-Acc"]) <= 100.0 for r in rows)
+    assert (run / "glue" / "glue_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
