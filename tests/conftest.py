@@ -74,6 +74,25 @@ def hf_config(family: str, size: str, tokenizer, max_positions: int = 512, dropo
     return model_config(ModelConfig(family=family, size=size, max_positions=max_positions, dropout=dropout), tokenizer)
 
 
+def moved_off_init(model, scale: float):
+    """The model with every weight moved off its initial value by `scale` standard normals (a fixed draw), so a
+    comparison is not of a fresh init."""
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def eager_copy(model):
+    """The plain HF masked LM (eager attention, head on every position) holding the same weights."""
+    from transformers import AutoModelForMaskedLM
+
+    plain = AutoModelForMaskedLM.from_config(model.config, attn_implementation="eager")
+    plain.load_state_dict(model.state_dict())
+    return plain
+
+
 def tiny_config(data_dir: Path, out_dir: Path, family: str = "roberta", steps: int = 30, **train) -> PretrainConfig:
     """A CPU-fast recipe: tiny model, 32-token sequences."""
     return PretrainConfig(

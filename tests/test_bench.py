@@ -27,7 +27,7 @@ from mlm.tokenizer import load_tokenizer
 from mlm.train.autobatch import auto_micro_batch
 from mlm.train.pretrain import masked_batch, setup
 
-from conftest import hf_config, tiny_config
+from conftest import eager_copy, hf_config, moved_off_init, tiny_config
 
 ROOT = Path(__file__).parent.parent
 TINY_BENCH = ["--train.global_batch=16", "--system.micro_batch=8", "--data.seq_len=32", "--model.max_positions=64",
@@ -178,18 +178,7 @@ def _trained_like_model(family, tokenizer_dirs, dropout, scale=0.05):
     """A tiny model whose weights are moved off their initial values (by `scale` standard normals)."""
     tokenizer = load_tokenizer(tokenizer_dirs[family])
     model = build_model(hf_config(family, "tiny", tokenizer, max_positions=64, dropout=dropout), seed=0)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return model
-
-
-def _reference_copy(model):
-    """The plain HF model (eager attention) holding the same weights."""
-    plain = AutoModelForMaskedLM.from_config(model.config, attn_implementation="eager")
-    plain.load_state_dict(model.state_dict())
-    return plain
+    return moved_off_init(model, scale)
 
 
 def _batch(data_dirs, family, tmp_path, dropout):
@@ -209,7 +198,7 @@ def test_fast_path_loss_and_gradients_equal_the_plain_hf_model(data_dirs, tokeni
     the same loss and gradients, the separate query/key/value weights' included."""
     masked, positions, labels = _batch(data_dirs, family, tmp_path, dropout=0.0)
     model = _trained_like_model(family, tokenizer_dirs, dropout=0.0)
-    plain = _reference_copy(model)
+    plain = eager_copy(model)
     install_training_attention(model, fused_qkv)
     ours = MaskedLMLoss(model)(masked, positions, labels)
     ours.backward()
@@ -230,7 +219,7 @@ def test_dropout_gives_the_same_loss_distribution(data_dirs, tokenizer_dirs, tmp
     masked, positions, labels = _batch(data_dirs, "roberta", tmp_path, dropout=0.1)
     # Weights far from a fresh init, so that dropout moves the loss well beyond the noise of its mean.
     model = _trained_like_model("roberta", tokenizer_dirs, dropout=0.1, scale=1.0)
-    plain = _reference_copy(model)
+    plain = eager_copy(model)
     fast = MaskedLMLoss(model)
     full_labels = torch.full_like(masked, IGNORE_INDEX).scatter(1, positions, labels)
     ours, theirs = [], []

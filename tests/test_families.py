@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, ModernBertForSequenceClassification
 
-from conftest import hf_config, tiny_config
+from conftest import eager_copy, hf_config, moved_off_init, tiny_config
 from mlm.config import ModelConfig, load_config
 from mlm.data.masking import IGNORE_INDEX
 from mlm.errors import UserError
@@ -28,18 +28,7 @@ def _modernbert(tokenizer_dirs, local_attention: int, dropout: float = 0.0, scal
     """A tiny ModernBERT with a small local window, so 32-token windows have local and global layers."""
     config = hf_config("modernbert", "tiny", load_tokenizer(tokenizer_dirs["modernbert"]), 64, dropout)
     config.local_attention = local_attention
-    model = build_model(config, seed=0)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=generator))
-    return model
-
-
-def _plain(model):
-    plain = AutoModelForMaskedLM.from_config(model.config, attn_implementation="eager")
-    plain.load_state_dict(model.state_dict())
-    return plain
+    return moved_off_init(build_model(config, seed=0), scale)
 
 
 def _ids(vocab: int, batch: int = 3, length: int = 32):
@@ -54,7 +43,7 @@ def test_modernbert_training_path_equals_hf_loss_and_gradients(tokenizer_dirs, l
     """fp32, dropout 0: mlm's attention (no mask, band-masked local layers) and the masked-only head give HF's
     eager loss and gradients; with an 8-token window the local layers really are local at 32 tokens."""
     model = _modernbert(tokenizer_dirs, local_attention)
-    plain = _plain(model)
+    plain = eager_copy(model)
     install_training_attention(model)
     masked, positions, labels = _ids(model.config.vocab_size)
     ours = MaskedLMLoss(model)(masked, positions, labels)
@@ -71,7 +60,7 @@ def test_modernbert_training_path_equals_hf_loss_and_gradients(tokenizer_dirs, l
 def test_a_window_one_position_off_gives_another_loss(tokenizer_dirs):
     """The equality above can fail: the same model with a local window one position narrower does not match."""
     model = _modernbert(tokenizer_dirs, local_attention=8)
-    plain = _plain(model)
+    plain = eager_copy(model)
     install_training_attention(model)
     for layer in model.base_model.layers:
         if layer.attn.half_window is not None:
@@ -201,7 +190,7 @@ def test_init_from_a_published_model_of_another_shape(data_dirs, tokenizer_dirs,
     cfg.run.out_dir = str(tmp_path / "run2")
     result = pretrain(cfg, log=lines.append)
     assert any("model.size=base is not used" in line for line in lines)
-    assert any(f"L3/H128" in line and str(folder) in line for line in lines)
+    assert any("L3/H128" in line and str(folder) in line for line in lines)
     assert AutoModelForMaskedLM.from_pretrained(result["checkpoint"]).config.num_hidden_layers == 3
 
 
